@@ -1,0 +1,131 @@
+"""Pickle-free, atomic persistence: tensors in safetensors, everything else in JSON.
+
+Every write goes to a temporary file in the target folder, is flushed to disk, then renamed over the
+target, so a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _load_bytes
+from safetensors.torch import save as _save_bytes
+from torch import nn
+
+from . import masking
+from .errors import PrunelabError
+
+MASK_PREFIX = "mask::"
+OPTIM_PREFIX = "optim::"
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    atomic_write(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PrunelabError(f"cannot read {path}: {error}") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, Any] | None = None) -> None:
+    """Write tensors (made contiguous, on the CPU) and JSON metadata to one safetensors file."""
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"json": json.dumps(metadata or {})}
+    atomic_write(path, _save_bytes(plain, metadata=meta))
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by :func:`save_tensors`: the tensors and the metadata."""
+    try:
+        raw = Path(path).read_bytes()
+        tensors = _load_bytes(raw)
+        header_size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + header_size])
+        meta = json.loads(header.get("__metadata__", {}).get("json", "{}"))
+    except (OSError, SafetensorError, ValueError) as error:
+        raise PrunelabError(f"cannot read checkpoint {path}: {error}") from None
+    return tensors, meta
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict plus every mask under ``mask::<parameter name>``."""
+    tensors = dict(model.state_dict())
+    tensors.update({MASK_PREFIX + name: mask for name, mask in masking.masks(model).items()})
+    return tensors
+
+
+def restore_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load a state dict and its masks written by :func:`model_tensors` into ``model``."""
+    state = {k: v for k, v in tensors.items() if not k.startswith((MASK_PREFIX, OPTIM_PREFIX))}
+    saved_masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise PrunelabError(f"checkpoint does not fit this model: {first}") from None
+    masking.remove(model)
+    if saved_masks:
+        masking.attach(model, saved_masks)
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, metadata: dict[str, Any] | None = None) -> None:
+    """Save weights and masks (no pickle): loadable with :func:`load_model` into the same architecture."""
+    save_tensors(path, model_tensors(model), metadata)
+
+
+def load_model(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
+    """Load weights and masks saved by :func:`save_model` into ``model``; returns the metadata."""
+    tensors, meta = load_tensors(path)
+    restore_model(model, tensors)
+    return meta
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's state dict into tensors (for safetensors) and the rest (for JSON)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{OPTIM_PREFIX}{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                      rest: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(OPTIM_PREFIX):
+            index, _, name = key[len(OPTIM_PREFIX):].partition(".")
+            state.setdefault(int(index), {})[name] = value
+    for index, entry in rest.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(entry)
+    optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})

@@ -1,0 +1,123 @@
+"""Command line: ``prunelab run``, ``prunelab list``.
+
+Every ``RunConfig`` key is a flag (``sparsity`` -> ``--sparsity``, booleans also as ``--no-...``,
+the option tables as repeated ``--model-option KEY=VALUE`` / ``--method-option KEY=VALUE``). Bad input
+ends with one line naming the problem and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import PrunelabError
+
+EXIT_USAGE = 2
+LISTABLE = ("models", "datasets", "methods")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise PrunelabError(f"{message} (see '{self.prog} --help')")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .lab.config import FIELDS, field_kind
+
+    parser = _Parser(prog="prunelab", description="Neural-network pruning lab.")
+    parser.add_argument("--version", action="version", version=f"prunelab {__version__}")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{run,list}")
+
+    run = commands.add_parser(
+        "run", help="train / prune / evaluate one configuration",
+        description="Run one configuration: flags override the keys of an optional TOML config file. "
+                    "A run folder that already holds this config resumes where it stopped.")
+    run.add_argument("config", nargs="?", help="TOML config file (keys as the flags below)")
+    for name in FIELDS:
+        flag = "--" + name.replace("_", "-")
+        kind = field_kind(name)
+        if kind is dict:
+            run.add_argument(flag.removesuffix("s"), dest=name, action="append", metavar="KEY=VALUE",
+                             default=argparse.SUPPRESS, help=f"one entry of [{name}] (repeatable)")
+        elif kind is bool:
+            run.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            metavar = "N,N,..." if kind is list else kind.__name__.upper()
+            run.add_argument(flag, dest=name, metavar=metavar, default=argparse.SUPPRESS)
+    run.add_argument("--quiet", action="store_true", help="print only the result table")
+
+    listing = commands.add_parser("list", help="list models, datasets or methods")
+    listing.add_argument("what", choices=LISTABLE)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .lab.config import defaults, make_config, option_value, read_toml
+    from .lab.run import format_result, run
+
+    values = defaults()
+    if args.config:
+        values.update(read_toml(args.config))
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
+    for name in ("model_options", "method_options"):
+        if name in given:
+            table = dict(values.get(name) or {})
+            for entry in given.pop(name):
+                key, sep, text = entry.partition("=")
+                if not sep or not key:
+                    raise PrunelabError(f"--{name.replace('_', '-').removesuffix('s')} takes KEY=VALUE, got {entry!r}")
+                table[key.strip()] = option_value(text.strip())
+            values[name] = table
+    values.update(given)
+    if not values.get("model"):
+        from .models import list_models
+        raise PrunelabError("no model given: pass --model or a config file; models: "
+                            + ", ".join(m.name for m in list_models()))
+    config = make_config(values)
+    if args.quiet:
+        result = run(config, progress=False, echo=None)
+        print(format_result(result))
+    else:
+        run(config)
+    return 0
+
+
+def _list(what: str) -> int:
+    if what == "models":
+        from .models import list_models
+        for m in list_models():
+            options = ", ".join(f"{k}" for k in m.options) or "-"
+            print(f"{m.name:<16} {m.default_dataset:<14} {m.description}  [options: {options}]")
+    elif what == "datasets":
+        from .data import list_datasets
+        for d in list_datasets():
+            shape = "x".join(map(str, d.input_shape))
+            print(f"{d.name:<14} {shape:<8} {d.num_classes:>3} classes  {d.description}")
+    else:
+        from .pruning import list_methods
+        for m in list_methods():
+            print(f"{m.name:<12} scope={m.scope:<7} when={m.when:<8} {m.description}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _build_parser().parse_args(argv)
+        if args.command == "run":
+            return _run(args)
+        if args.command == "list":
+            return _list(args.what)
+        _build_parser().print_help()
+        return EXIT_USAGE
+    except PrunelabError as error:
+        print(f"prunelab: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("prunelab: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Typed run configuration: one dataclass whose fields are both the TOML keys and the CLI flags.
+
+A config file is the reproducible record of a run: ``prunelab run CONFIG.toml`` reads one (flat keys,
+plus the ``[model_options]`` and ``[method_options]`` tables), flags given beside it override it, and
+every run folder stores the complete config it ran with as ``config.toml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import PrunelabError
+from ..training import TrainConfig
+
+WHEN = ("init", "trained")
+SCOPES = ("global", "layer")
+REWIND = ("none", "init", "early")
+
+
+@dataclass
+class RunConfig:
+    # what to prune
+    model: str = ""
+    dataset: str | None = None          # default: the model's own dataset
+    method: str = "none"                # "none" trains the dense reference
+    sparsity: float = 0.0               # target fraction of prunable weights removed, in [0, 1)
+    scope: str | None = None            # "global" | "layer"; default: the method's
+    when: str | None = None             # "init" | "trained"; default: the method's
+    rounds: int = 1                     # iterative pruning rounds (geometric keep ratio per round)
+    rewind: str = "none"                # after each round: "none" (fine-tune), "init" or "early" (LTH)
+    rewind_iteration: int = 0           # the step of pre-training rewound to when rewind = "early"
+    include_bias: bool = False          # prune biases too
+    method_options: dict[str, Any] = field(default_factory=dict)
+    # model and data
+    init: str = "default"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None
+    val_fraction: float = 0.1
+    # training (see TrainConfig)
+    epochs: int | None = 10
+    iterations: int | None = None
+    batch_size: int = 100
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    milestones: list[int] = field(default_factory=list)
+    step_size: int = 0
+    gamma: float = 0.1
+    warmup: int = 0
+    finetune_epochs: int | None = None  # after pruning a trained model; default: the training budget
+    finetune_lr: float | None = None    # default: lr
+    # run
+    seed: int = 0
+    out: str | None = None              # default: runs/<model>_<dataset>_<method>_<hash>
+    device: str = "cpu"
+    threads: int | None = None
+    latency: bool = True                # measure CPU inference latency at the end
+
+    def train_config(self, finetune: bool = False) -> TrainConfig:
+        keys = {f.name for f in fields(TrainConfig)}
+        values = {k: v for k, v in asdict(self).items() if k in keys}
+        if finetune:
+            if self.finetune_epochs is not None:
+                values.update(epochs=self.finetune_epochs, iterations=None)
+            if self.finetune_lr is not None:
+                values["lr"] = self.finetune_lr
+            values["warmup"] = 0
+        return TrainConfig(**values)
+
+    def digest(self) -> str:
+        """Hash of the settings that change the result (not where it is written)."""
+        relevant = {k: v for k, v in asdict(self).items() if k not in ("out", "threads", "latency")}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def field_kind(name: str) -> type:
+    """The plain type of a config key: int, float, str, bool, list or dict."""
+    hint = typing.get_type_hints(RunConfig)[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check and convert one config value; a clear error names the key and the expected type."""
+    if name not in FIELDS:
+        raise PrunelabError(f"invalid config key {name!r}; valid keys: {', '.join(FIELDS)}")
+    kind = field_kind(name)
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind is list:
+            items = value.split(",") if isinstance(value, str) else value
+            return [int(v) for v in items if str(v).strip() != ""]
+        if kind is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+        return str(value)
+    except (TypeError, ValueError):
+        expected = {list: "a list of integers", dict: "a table"}.get(kind, kind.__name__)
+        raise PrunelabError(f"invalid value for {name}: {value!r} (expected {expected})") from None
+
+
+def make_config(values: dict[str, Any]) -> RunConfig:
+    return RunConfig(**{k: coerce(k, v) for k, v in values.items()})
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise PrunelabError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise PrunelabError(f"config file {path} is not valid TOML: {error}") from None
+    for key in raw:
+        coerce(key, raw[key])  # reject unknown keys and bad types before anything runs
+    return raw
+
+
+def to_toml(config: RunConfig) -> str:
+    """Render a config as TOML (flat keys, then the two option tables); None values are omitted."""
+    plain, tables = [], []
+    for name, value in asdict(config).items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            tables.append(f"\n[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in value.items()))
+        else:
+            plain.append(f"{name} = {_toml_value(value)}\n")
+    return "".join(plain) + "".join(tables)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def option_value(text: str) -> Any:
+    """Parse a KEY=VALUE option's value from the command line: bool, int, float, else string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def defaults() -> dict[str, Any]:
+    return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(RunConfig)}

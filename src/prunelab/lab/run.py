@@ -1,0 +1,290 @@
+"""One run of the lab: data, model, a plan of stages (train / prune / rewind), checkpoints, result.
+
+A run is a list of stages executed in order. After every training epoch and every pruning step the
+run folder gets a checkpoint (weights, masks, optimizer state) and ``state.json`` saying how far the run
+got; a run started again on the same folder with the same config continues from there and ends with
+the same result as an uninterrupted run, because every epoch's randomness derives from (seed, stage,
+epoch) and the learning rate is a pure function of the step.
+
+Run folder: ``config.toml``, ``state.json``, ``ckpt-*.safetensors`` (the latest only), ``rewind.safetensors``
+(weights rewound to), ``model.safetensors`` (final weights and masks), ``log.txt``, ``result.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__, checkpoint, masking, metrics, pruning, selection
+from ..data import dataset_info, load_dataset
+from ..errors import PrunelabError
+from ..models import build_model, model_info
+from ..training import Trainer, evaluate
+from .config import REWIND, SCOPES, WHEN, RunConfig, to_toml
+
+RESULT_SCHEMA = "prunelab.result/1"
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str                 # "train" | "prune" | "rewind"
+    name: str                 # "train", "pretrain", "finetune", "retrain", "prune-1", ...
+    sparsity: float = 0.0     # prune stages: cumulative target after this stage
+    finetune: bool = False    # train stages: use the fine-tuning budget and learning rate
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """Fill defaults that depend on other settings and check every value before any work starts."""
+    info = model_info(config.model)
+    method = pruning.get_method(config.method)
+    dataset = config.dataset or info.default_dataset
+    data = dataset_info(dataset)
+    if tuple(data.input_shape) != tuple(info.input_shape):
+        raise PrunelabError(f"model {info.name} expects inputs of shape {tuple(info.input_shape)}, "
+                            f"dataset {data.name} gives {tuple(data.input_shape)}")
+    selection.check_sparsity(config.sparsity)
+    if method.criterion is None and config.sparsity:
+        raise PrunelabError("method 'none' trains the dense model; give --method to prune "
+                            f"(sparsity {config.sparsity} requested)")
+    if method.criterion is not None and not config.sparsity:
+        raise PrunelabError(f"method {method.name!r} needs a target: --sparsity in (0, 1)")
+    when = config.when or method.when
+    scope = config.scope or method.scope
+    for key, value, allowed in (("when", when, WHEN), ("scope", scope, SCOPES), ("rewind", config.rewind, REWIND)):
+        if value not in allowed:
+            raise PrunelabError(f"invalid {key} {value!r}; choose from: {', '.join(allowed)}")
+    if config.rounds < 1:
+        raise PrunelabError(f"rounds must be >= 1, got {config.rounds}")
+    if when == "init" and (config.rounds > 1 or config.rewind != "none"):
+        raise PrunelabError("rounds and rewind apply to pruning a trained model (when = 'trained')")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise PrunelabError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+    resolved = replace(config, model=info.name, dataset=data.name, when=when, scope=scope)
+    resolved.train_config()  # validates the optimizer and schedule settings
+    return resolved
+
+
+def plan(config: RunConfig) -> list[Stage]:
+    """The stages of a resolved config."""
+    if config.method == "none":
+        return [Stage("train", "train")]
+    if config.when == "init":
+        return [Stage("prune", "prune", config.sparsity), Stage("train", "train")]
+    stages = [Stage("train", "pretrain")]
+    for r in range(1, config.rounds + 1):
+        # geometric schedule: every round keeps the same fraction of what survived the last one
+        target = 1.0 - (1.0 - config.sparsity) ** (r / config.rounds) if r < config.rounds else config.sparsity
+        stages.append(Stage("prune", f"prune-{r}", target))
+        if config.rewind != "none":
+            stages += [Stage("rewind", f"rewind-{r}"), Stage("train", f"retrain-{r}")]
+        else:
+            stages.append(Stage("train", f"finetune-{r}", finetune=True))
+    return stages
+
+
+def default_out(config: RunConfig) -> Path:
+    return Path("runs") / f"{config.model}_{config.dataset}_{config.method}_{config.digest()}"
+
+
+class Run:
+    def __init__(self, config: RunConfig, progress: bool | None = None,
+                 echo: Callable[[str], None] | None = print):
+        self.config = resolve(config)
+        self.out = Path(self.config.out) if self.config.out else default_out(self.config)
+        self.progress, self.echo = progress, echo
+        self.stages = plan(self.config)
+
+    # -- logging -------------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        with open(self.out / "log.txt", "a") as handle:
+            handle.write(message + "\n")
+        if self.echo:
+            self.echo(message)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def _fresh_state(self) -> dict:
+        return {"config_digest": self.config.digest(), "stage": 0, "epoch": 0, "checkpoint": None,
+                "history": [], "prune_events": [], "seconds": {"prune": 0.0, "train": 0.0}}
+
+    def _load_state(self) -> dict | None:
+        path = self.out / "state.json"
+        if not path.exists():
+            return None
+        state = checkpoint.read_json(path)
+        if state.get("config_digest") != self.config.digest():
+            raise PrunelabError(f"run folder {self.out} holds a run with a different config; "
+                                "choose another --out or delete that folder")
+        return state
+
+    def _save(self, state: dict, optimizer=None) -> None:
+        name = f"ckpt-{state['stage']:03d}-{state['epoch']:04d}.safetensors"
+        tensors = checkpoint.model_tensors(self.model)
+        rest = {}
+        if optimizer is not None:
+            optim_tensors, rest = checkpoint.optimizer_tensors(optimizer)
+            tensors.update(optim_tensors)
+        checkpoint.save_tensors(self.out / name, tensors, {"optimizer": rest})
+        previous = state.get("checkpoint")
+        state["checkpoint"] = name
+        checkpoint.write_json(self.out / "state.json", state)  # the commit point of the checkpoint
+        if previous and previous != name:
+            (self.out / previous).unlink(missing_ok=True)
+
+    # -- the run -------------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        cfg = self.config
+        self.started = time.perf_counter()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        state = self._load_state()  # refuses a folder holding another config before any work
+        # data and model first: bad input fails here, before the run folder is touched
+        self.train, self.val, self.test = load_dataset(cfg.dataset, root=cfg.data_root,
+                                                       val_fraction=cfg.val_fraction, seed=cfg.seed)
+        self.model = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
+                                 init=cfg.init, seed=cfg.seed, **cfg.model_options).to(cfg.device)
+        masking.require_prunable(self.model)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            checkpoint.atomic_write(self.out / "config.toml", to_toml(cfg))
+        optimizer_state = None
+        if state is None:
+            state = self._fresh_state()
+            checkpoint.save_model(self.out / "rewind.safetensors", self.model)  # theta_0
+            self.log(f"prunelab {__version__}: {cfg.model} on {cfg.dataset}, method {cfg.method}"
+                     + (f" to sparsity {cfg.sparsity} ({cfg.scope}, {cfg.when})" if cfg.method != "none" else "")
+                     + f", seed {cfg.seed} -> {self.out}")
+        else:
+            tensors, meta = checkpoint.load_tensors(self.out / state["checkpoint"])
+            checkpoint.restore_model(self.model, tensors)
+            optimizer_state = (tensors, meta.get("optimizer") or None)
+            self.log(f"resuming {self.out} at stage {state['stage'] + 1}/{len(self.stages)}, "
+                     f"epoch {state['epoch']}")
+        while state["stage"] < len(self.stages):
+            stage = self.stages[state["stage"]]
+            if stage.kind == "train":
+                self._train(stage, state, optimizer_state)
+                optimizer_state = None
+            elif stage.kind == "prune":
+                self._prune(stage, state)
+            else:
+                self._rewind(stage, state)
+            state["stage"], state["epoch"] = state["stage"] + 1, 0
+            self._save(state)
+        return self._finish(state)
+
+    def _train(self, stage: Stage, state: dict, optimizer_state) -> None:
+        cfg = self.config
+        trainer = Trainer(self.model, self.train, cfg.train_config(stage.finetune), seed=cfg.seed,
+                          stage=state["stage"], device=cfg.device, progress=self.progress)
+        if optimizer_state and optimizer_state[1]:
+            checkpoint.restore_optimizer(trainer.optimizer, *optimizer_state)
+        if stage.name == "pretrain" and cfg.rewind == "early":
+            trainer.step_hooks.append(self._snapshot_at(cfg.rewind_iteration))
+        for epoch in range(state["epoch"], trainer.epochs):
+            stats = trainer.run_epoch(epoch)
+            stats["stage_name"] = stage.name
+            stats.update({f"val_{k}": v for k, v in evaluate(self.model, self.val, device=cfg.device).items()
+                          if k in ("error", "loss")})
+            state["seconds"]["train"] += stats["seconds"]
+            state["history"].append(stats)
+            state["epoch"] = epoch + 1
+            self._save(state, trainer.optimizer)
+            val = "" if stats["val_error"] is None else f"  val error {stats['val_error']:.2%}"
+            self.log(f"{stage.name:>12} epoch {epoch + 1:>3}/{trainer.epochs}  loss {stats['train_loss']:.4f}"
+                     f"  train error {stats['train_error']:.2%}{val}  lr {stats['lr']:.3g}  {stats['seconds']:.1f}s")
+
+    def _snapshot_at(self, step: int):
+        def hook(current: int) -> None:
+            if current == step:
+                checkpoint.save_model(self.out / "rewind.safetensors", self.model)
+        return hook
+
+    def _prune(self, stage: Stage, state: dict) -> None:
+        cfg = self.config
+        report = pruning.prune(self.model, cfg.method, stage.sparsity, self.train, scope=cfg.scope,
+                               seed=cfg.seed, include_bias=cfg.include_bias, **cfg.method_options)
+        state["seconds"]["prune"] += report.seconds
+        event = {"stage": stage.name, **report.as_dict()}
+        state["prune_events"].append(event)
+        self.log(f"{stage.name:>12} {cfg.method}: kept {report.kept:,} of {report.total:,} prunable weights "
+                 f"(sparsity {report.sparsity:.4f}) in {report.seconds:.2f}s"
+                 + (f"; LAYER COLLAPSE in {', '.join(report.collapsed)}" if report.collapsed else ""))
+
+    def _rewind(self, stage: Stage, state: dict) -> None:
+        current = masking.masks(self.model)
+        tensors, _ = checkpoint.load_tensors(self.out / "rewind.safetensors")
+        checkpoint.restore_model(self.model, {k: v for k, v in tensors.items()
+                                              if not k.startswith(checkpoint.MASK_PREFIX)})
+        masking.attach(self.model, current)
+        self.log(f"{stage.name:>12} weights rewound ({self.config.rewind}), masks kept")
+
+    def _finish(self, state: dict) -> dict:
+        cfg = self.config
+        model = self.model
+        test = evaluate(model, self.test, device=cfg.device)
+        val = evaluate(model, self.val, device=cfg.device)
+        example = self.test.inputs[:1].to(cfg.device)
+        flops, per_module = metrics.flop_summary(model, example)
+        result = {
+            "schema": RESULT_SCHEMA,
+            "prunelab_version": __version__,
+            "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
+            "target": {"sparsity": cfg.sparsity}, "scope": cfg.scope, "when": cfg.when, "seed": cfg.seed,
+            **metrics.sparsity_summary(model),
+            "flops": flops,
+            "error": {"test": test["error"], "test_top5": test["top5_error"], "val": val["error"],
+                      "test_loss": test["loss"]},
+            "time_s": {"prune": state["seconds"]["prune"], "train": state["seconds"]["train"],
+                       "wall_this_session": time.perf_counter() - self.started},
+            "latency_ms": None,
+            "layers": metrics.layer_table(model, per_module),
+            "prune_events": state["prune_events"],
+            "history": state["history"],
+            "config": asdict(cfg),
+            "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                            "threads": torch.get_num_threads(), "device": cfg.device,
+                            "cpu_count": os.cpu_count()},
+        }
+        if cfg.latency:
+            result["latency_ms"] = {"batch": 1, "threads": 1,
+                                    "dense_kernels": metrics.latency_ms(model, example, threads=1)}
+        checkpoint.save_model(self.out / "model.safetensors", model, {"model": cfg.model, "config": asdict(cfg)})
+        checkpoint.write_json(self.out / "result.json", result)
+        for line in format_result(result).splitlines():
+            self.log(line)
+        return result
+
+
+def format_result(result: dict) -> str:
+    """The result table printed at the end of a run."""
+    lines = [f"{'layer':<28}{'shape':>16}{'params':>12}{'nonzero':>12}{'sparsity':>10}"]
+    for row in result["layers"]:
+        shape = "x".join(str(d) for d in row["shape"])
+        lines.append(f"{row['name']:<28}{shape:>16}{row['params']:>12,}{row['nonzero']:>12,}{row['sparsity']:>10.4f}")
+    params = result["params"]
+    lines.append(f"{'prunable weights':<28}{'':>16}{params['prunable']:>12,}{params['prunable_kept']:>12,}"
+                 f"{result['sparsity']:>10.4f}")
+    lines.append(f"parameters: {params['total']:,} total, {params['nonzero']:,} non-zero, "
+                 f"compression ratio {result['compression_ratio']:.2f}x")
+    flops = result["flops"]
+    lines.append(f"FLOPs per example: dense {flops['dense']:,}, effective {flops['effective']:,} "
+                 f"({flops['reduction']:.2f}x fewer)")
+    err = result["error"]
+    val = "n/a" if err["val"] is None else f"{err['val']:.2%}"
+    lines.append(f"test error {err['test']:.2%} (top-5 {err['test_top5']:.2%}), validation error {val}")
+    timing = f"time: pruning {result['time_s']['prune']:.2f} s, training {result['time_s']['train']:.1f} s"
+    if result.get("latency_ms"):
+        timing += f"; latency {result['latency_ms']['dense_kernels']:.3f} ms (batch 1, 1 thread, dense kernels)"
+    lines.append(timing)
+    return "\n".join(lines)
+
+
+def run(config: RunConfig, progress: bool | None = None, echo: Callable[[str], None] | None = print) -> dict:
+    """Execute (or resume) a run and return its result dictionary (also written to result.json)."""
+    return Run(config, progress=progress, echo=echo).execute()

@@ -1,0 +1,136 @@
+"""What a pruned model is and what it costs: parameters, sparsity, FLOPs, latency.
+
+Vocabulary (design.md section 2):
+
+- ``sparsity``: fraction of the prunable weights that the masks remove.
+- ``sparsity_all``: fraction of all parameters that are zero (masked or not).
+- ``compression_ratio``: all parameters / non-zero parameters (LOBSTER's figure).
+- ``flops.dense``: multiply-adds x 2 of one forward pass of one example, counted by
+  ``torch.utils.flop_counter`` (recurrent layers, which it does not count, by their closed form).
+- ``flops.effective``: the same with every layer's count scaled by the fraction of its weights that
+  survive: what a sparse kernel would have to do. Unstructured masks do not make dense kernels faster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import masking
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total, non-zero, prunable and kept-prunable parameter counts (masked weights count as zero)."""
+    masks = masking.masks(model)
+    prunable = masking.prunable_parameters(model)
+    total = nonzero = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        values = param.detach()
+        if name in masks:
+            values = values * masks[name]
+        nonzero += int(torch.count_nonzero(values))
+    prunable_total = sum(p.numel() for p in prunable.values())
+    prunable_kept = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in prunable.items())
+    return {"total": total, "nonzero": nonzero, "prunable": prunable_total, "prunable_kept": prunable_kept}
+
+
+def sparsity_summary(model: nn.Module) -> dict[str, Any]:
+    counts = parameter_counts(model)
+    return {
+        "params": counts,
+        "sparsity": 1.0 - counts["prunable_kept"] / counts["prunable"] if counts["prunable"] else 0.0,
+        "sparsity_all": 1.0 - counts["nonzero"] / counts["total"],
+        "compression_ratio": counts["total"] / max(counts["nonzero"], 1),
+    }
+
+
+def layer_table(model: nn.Module, flops: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """One row per prunable parameter: name, shape, params, non-zero (kept by its mask), sparsity."""
+    masks = masking.masks(model)
+    rows = []
+    for name, param in masking.prunable_parameters(model).items():
+        kept = int(masks[name].sum()) if name in masks else param.numel()
+        row = {"name": name, "shape": list(param.shape), "params": param.numel(), "nonzero": kept,
+               "sparsity": 1.0 - kept / param.numel()}
+        if flops is not None:
+            row["flops"] = flops.get(name.rpartition(".")[0], 0)
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def module_flops(model: nn.Module, example: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """FLOPs of one forward pass on ``example``: the total and ``{module name: flops}``.
+
+    Convolutions, matrix products and the rest come from ``FlopCounterMode``; recurrent layers, which
+    it counts as zero on the CPU, are counted as 2 x steps x gates x hidden x (input + hidden).
+    """
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    recurrent: dict[str, int] = {}
+    hooks = [module.register_forward_hook(_recurrent_counter(name, recurrent))
+             for name, module in model.named_modules() if isinstance(module, nn.RNNBase)]
+    try:
+        with counter:
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    root = type(model).__name__
+    per_module = {}
+    for key, counts in counter.get_flop_counts().items():
+        if key.startswith(root + "."):
+            per_module[key[len(root) + 1:]] = int(sum(counts.values()))
+    per_module.update(recurrent)
+    return int(counter.get_total_flops()) + sum(recurrent.values()), per_module
+
+
+def _recurrent_counter(name: str, sink: dict[str, int]):
+    gates = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+    def hook(module: nn.RNNBase, inputs, _output):
+        x = inputs[0]
+        steps = x.shape[1] if module.batch_first else x.shape[0]
+        batch = x.shape[0] if module.batch_first else (x.shape[1] if x.dim() == 3 else 1)
+        per_step = 0
+        for layer in range(module.num_layers):
+            width = module.input_size if layer == 0 else module.hidden_size * (2 if module.bidirectional else 1)
+            per_step += gates[module.mode] * module.hidden_size * (width + module.hidden_size)
+        sink[name] = 2 * batch * steps * per_step * (2 if module.bidirectional else 1)
+
+    return hook
+
+
+def flop_summary(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
+    """Dense and effective FLOPs of one example, and the per-module dense counts."""
+    total, per_module = module_flops(model, example[:1])
+    masks = masking.masks(model)
+    saved = 0.0
+    for module_name, flops in per_module.items():
+        # A layer's multiply-adds scale with its weights; several tensors (LSTM) weigh by size.
+        own = [mask for name, mask in masks.items() if name.rpartition(".")[0] == module_name]
+        if own:
+            density = sum(int(m.sum()) for m in own) / sum(m.numel() for m in own)
+            saved += flops * (1.0 - density)
+    effective = int(round(total - saved))
+    return {"dense": total, "effective": effective, "reduction": total / max(effective, 1)}, per_module
+
+
+def latency_ms(model: nn.Module, example: torch.Tensor, threads: int = 1, min_run_time: float = 0.3) -> float:
+    """Median CPU inference latency of ``model(example)`` in milliseconds (torch.utils.benchmark)."""
+    from torch.utils.benchmark import Timer
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            timer = Timer(stmt="model(x)", globals={"model": model, "x": example}, num_threads=threads)
+            return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    finally:
+        model.train(was_training)

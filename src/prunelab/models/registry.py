@@ -1,0 +1,158 @@
+"""Name -> architecture registry, and `build_model`, the one way the rest of prunelab makes a model.
+
+Each architecture module calls `register(...)` at import time; `prunelab.models` imports them all.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import PrunelabError, unknown
+from .init import initialize, resolve_scheme, uses_std
+
+# Number of classes of each default dataset; a model may be built for another count.
+_DATASET_CLASSES = {"mnist": 10, "cifar10": 10}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about one architecture.
+
+    `builder(num_classes, **options)` returns a freshly initialised (PyTorch default) module.
+    `options` maps each accepted keyword to a one-line description that ends with its default.
+    """
+
+    name: str
+    description: str
+    default_dataset: str
+    input_shape: tuple[int, int, int]
+    builder: Callable[..., nn.Module] = field(repr=False)
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def canonical_name(name: str) -> str:
+    """Case-insensitive, '_' accepted for '-': 'LeNet5_Caffe' -> 'lenet5-caffe'."""
+    if not isinstance(name, str):
+        raise PrunelabError(f"model name must be a string, got {type(name).__name__}")
+    return name.strip().lower().replace("_", "-")
+
+
+def register(name, description, default_dataset, input_shape, builder, options=None) -> ModelInfo:
+    """Add an architecture; called by the architecture modules when they are imported."""
+    key = canonical_name(name)
+    if key in _REGISTRY:
+        raise RuntimeError(f"model {key!r} registered twice")  # a programming error, not user input
+    if default_dataset not in _DATASET_CLASSES:
+        raise RuntimeError(f"model {key!r}: unknown default dataset {default_dataset!r}")
+    info = ModelInfo(key, description, default_dataset, tuple(input_shape), builder, dict(options or {}))
+    _REGISTRY[key] = info
+    return info
+
+
+def list_models() -> list[ModelInfo]:
+    """Every registered architecture, sorted by name."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def model_info(name: str) -> ModelInfo:
+    key = canonical_name(name)
+    if key not in _REGISTRY:
+        raise unknown("model", name, _REGISTRY)
+    return _REGISTRY[key]
+
+
+def build_model(name: str, num_classes: int | None = None, init: str = "default",
+                seed: int | None = None, **options: Any) -> nn.Module:
+    """Build a registered architecture and initialise it.
+
+    num_classes: defaults to the class count of the model's default dataset (10).
+    init: an initialisation scheme of `initialize` ("default" keeps PyTorch's own).
+    seed: if given, construction and initialisation draw from RNGs seeded with it, so one seed
+        always gives bit-identical weights; the caller's global RNG state is left untouched.
+    options: the architecture's own keywords (see `model_info(name).options`), plus `init_std`,
+        the standard deviation of the "normal" and "truncated-normal" schemes (default 0.1).
+    """
+    info = model_info(name)
+    # Validate everything before building, so a typo fails fast even for the big models.
+    init_std = options.pop("init_std", None)
+    scheme = resolve_scheme(init)
+    if init_std is not None:
+        if not uses_std(scheme):
+            raise PrunelabError(f"init_std applies only to init 'normal' or 'truncated-normal', not {init!r}")
+        init_std = check_float("init_std", init_std, low=0.0, low_open=True)
+    bad = sorted(set(options) - set(info.options))
+    if bad:
+        allowed = ", ".join(sorted(info.options)) or "none"
+        raise PrunelabError(f"unknown option {bad[0]!r} for model {info.name!r}; allowed options: {allowed}")
+    if num_classes is None:
+        num_classes = _DATASET_CLASSES[info.default_dataset]
+    num_classes = check_int("num_classes", num_classes, low=2)
+    if seed is not None:
+        seed = check_int("seed", seed, low=0)
+
+    def make() -> nn.Module:
+        model = info.builder(num_classes, **options)
+        if scheme != "default":
+            gen = None if seed is None else torch.Generator().manual_seed(seed)
+            kwargs = {} if init_std is None else {"std": init_std}
+            initialize(model, scheme, generator=gen, **kwargs)
+        return model
+
+    if seed is None:
+        return make()
+    # fork_rng restores the global CPU RNG on exit; modules are built on the CPU, so no device RNG is used.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+# --- option checks shared by the builders -------------------------------------------------------
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise PrunelabError(f"option {name!r} must be true or false, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: Any, low: int | None = None) -> int:
+    if isinstance(value, bool):  # bool is an int subclass; True as a size is surely a mistake
+        raise PrunelabError(f"{name} must be an integer, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise PrunelabError(f"{name} must be an integer, got {value!r}") from None
+    if low is not None and value < low:
+        raise PrunelabError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PrunelabError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise PrunelabError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise PrunelabError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise PrunelabError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, allowed) -> str:
+    """Match `value` case-insensitively ('_' for '-') against `allowed`; return the allowed spelling."""
+    norm = {a.lower().replace("_", "-"): a for a in allowed}
+    key = value.strip().lower().replace("_", "-") if isinstance(value, str) else None
+    if key not in norm:
+        raise unknown(name, str(value), allowed)
+    return norm[key]

@@ -1,0 +1,146 @@
+"""The command line: listing, help, and every bad input giving one line, exit status 2, nothing lost."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunelab import cli
+from prunelab.models import registry as model_registry
+
+
+def run_cli(*argv, capsys):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prunelab: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize("what,expected", [("models", "lenet300-100"), ("datasets", "fashion-mnist"),
+                                           ("methods", "magnitude")])
+def test_list(what, expected, capsys):
+    code, out, _ = run_cli("list", what, capsys=capsys)
+    assert code == 0 and expected in out
+
+
+def test_help_everywhere():
+    for argv in (["--help"], ["run", "--help"], ["list", "--help"]):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 0
+
+
+BAD = [
+    (["--model", "lenet9000"], ["unknown model 'lenet9000'", "lenet300-100"]),
+    (["--model", "lenet300-100", "--dataset", "imagenet"], ["unknown dataset 'imagenet'", "mnist"]),
+    (["--model", "lenet300-100", "--method", "prayer", "--sparsity", "0.5"], ["unknown method 'prayer'", "magnitude"]),
+    (["--model", "lenet300-100", "--method", "magnitude", "--sparsity", "1.0"], ["sparsity must be in [0, 1)"]),
+    (["--model", "lenet300-100", "--method", "magnitude", "--sparsity", "-0.2"], ["sparsity must be in [0, 1)"]),
+    (["--model", "lenet300-100", "--method", "magnitude", "--sparsity", "lots"], ["invalid value for sparsity: 'lots'", "float"]),
+    (["--model", "lenet300-100", "--epochs", "ten"], ["invalid value for epochs: 'ten'", "int"]),
+    (["--model", "lenet300-100", "--method", "magnitude", "--sparsity", "0.5", "--scope", "row"], ["invalid scope 'row'", "global, layer"]),
+    (["--model", "lenet300-100", "--optimizer", "lion"], ["unknown optimizer 'lion'", "sgd, adam"]),
+    (["--model", "resnet20", "--dataset", "mnist"], ["expects inputs of shape (3, 32, 32)", "(1, 28, 28)"]),
+    (["--model", "lenet300-100", "--model-option", "relu=true"], ["relu"]),
+    (["--model", "lenet300-100", "--bogus-flag", "1"], ["unrecognized arguments: --bogus-flag"]),
+    (["--method", "magnitude"], ["no model given", "lenet300-100"]),
+]
+
+
+@pytest.mark.parametrize("argv,fragments", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_one_line_exit_2(argv, fragments, capsys, tmp_path):
+    code, _, err = run_cli("run", *argv, "--out", str(tmp_path / "r"), capsys=capsys)
+    assert_usage_error(code, err, *fragments)
+    assert not (tmp_path / "r").exists()  # rejected before any work
+
+
+def test_invalid_config_key_and_bad_toml(tmp_path, capsys):
+    bad_key = tmp_path / "bad.toml"
+    bad_key.write_text('model = "lenet300-100"\nsparsty = 0.9\n')
+    code, _, err = run_cli("run", str(bad_key), capsys=capsys)
+    assert_usage_error(code, err, "invalid config key 'sparsty'", "sparsity")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("model = \n")
+    code, _, err = run_cli("run", str(broken), capsys=capsys)
+    assert_usage_error(code, err, "not valid TOML")
+    code, _, err = run_cli("run", str(tmp_path / "missing.toml"), capsys=capsys)
+    assert_usage_error(code, err, "does not exist")
+
+
+def test_model_with_no_prunable_layers(tmp_path, capsys, monkeypatch, data_root):
+    from torch import nn
+    info = model_registry.ModelInfo("identity", "no layers", "mnist", (1, 28, 28),
+                                    lambda num_classes: nn.Sequential(nn.Flatten(), nn.ReLU()))
+    monkeypatch.setitem(model_registry._REGISTRY, "identity", info)
+    code, _, err = run_cli("run", "--model", "identity", "--data-root", str(data_root),
+                           "--out", str(tmp_path / "r"), capsys=capsys)
+    assert_usage_error(code, err, "no prunable layers", "Linear")
+
+
+def test_missing_and_corrupt_data_files(tmp_path, capsys, data_root):
+    empty = tmp_path / "empty"
+    (empty / "mnist").mkdir(parents=True)
+    # a missing file would be downloaded; point the mirror at a closed local port so it fails fast
+    os.environ["PRUNELAB_DATA_URL"] = "http://127.0.0.1:9/"
+    try:
+        code, _, err = run_cli("run", "--model", "lenet300-100", "--data-root", str(empty),
+                               "--out", str(tmp_path / "r1"), capsys=capsys)
+    finally:
+        del os.environ["PRUNELAB_DATA_URL"]
+    assert_usage_error(code, err, "train-images-idx3-ubyte.gz")
+    corrupt = tmp_path / "corrupt" / "mnist"
+    corrupt.mkdir(parents=True)
+    for f in (data_root / "mnist").glob("*.gz"):
+        data = bytearray(f.read_bytes())
+        if f.name.startswith("t10k-labels"):
+            data[100] ^= 0xFF
+        (corrupt / f.name).write_bytes(bytes(data))
+    code, _, err = run_cli("run", "--model", "lenet300-100", "--data-root", str(corrupt.parent),
+                           "--out", str(tmp_path / "r2"), capsys=capsys)
+    assert_usage_error(code, err, "t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")
+
+
+def test_failed_run_leaves_earlier_results_untouched(tmp_path, capsys, data_root):
+    out = tmp_path / "r"
+    argv = ["run", "--model", "lenet300-100", "--iterations", "20", "--data-root", str(data_root),
+            "--no-latency", "--out", str(out), "--quiet"]
+    code, printed, _ = run_cli(*argv, capsys=capsys)
+    assert code == 0 and "test error" in printed
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(*argv[:-1], "--method", "magnitude", "--sparsity", "2", capsys=capsys)
+    assert_usage_error(code, err, "sparsity")
+    code, _, err = run_cli(*argv[:-1], "--lr", "0.5", capsys=capsys)  # a different config, same folder
+    assert_usage_error(code, err, "different config")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert json.loads((out / "result.json").read_text())["method"] == "none"
+
+
+def test_config_file_flags_override_and_roundtrip(tmp_path, capsys, data_root):
+    config = tmp_path / "c.toml"
+    config.write_text(f'model = "lenet300-100"\nmethod = "random"\nsparsity = 0.5\niterations = 10\n'
+                      f'latency = false\ndata_root = "{data_root}"\nout = "{tmp_path / "r"}"\n')
+    code, _, _ = run_cli("run", str(config), "--sparsity", "0.8", "--quiet", capsys=capsys)
+    assert code == 0
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert result["target"]["sparsity"] == 0.8 and result["sparsity"] == pytest.approx(0.8, abs=1e-12)
+    # the stored config reproduces the run: running it again finds the finished run and resumes nothing
+    code, _, _ = run_cli("run", str(tmp_path / "r" / "config.toml"), "--quiet", capsys=capsys)
+    assert code == 0
+
+
+def test_console_script_exit_status(tmp_path):
+    script = Path(sys.executable).with_name("prunelab")
+    if not script.exists():
+        pytest.skip("prunelab is not installed as a console script in this environment")
+    proc = subprocess.run([str(script), "run", "--model", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown model 'nope'" in proc.stderr

@@ -1,0 +1,98 @@
+"""The lab: a real MNIST run end to end, result.json, resume equals uninterrupted, rewinding."""
+
+import json
+
+import pytest
+import torch
+
+from prunelab import checkpoint, masking
+from prunelab.lab import run as lab_run
+from prunelab.lab.config import RunConfig
+from prunelab.training import Trainer
+
+SHORT = dict(model="lenet300-100", method="magnitude", sparsity=0.9, epochs=2, finetune_epochs=1,
+             lr=0.05, weight_decay=1e-4, latency=False)
+
+
+def config(tmp_path, data_root, name="run", **overrides):
+    return RunConfig(**{**SHORT, "data_root": str(data_root), "out": str(tmp_path / name), **overrides})
+
+
+def test_run_writes_result_with_exact_sparsity(tmp_path, data_root):
+    result = lab_run.run(config(tmp_path, data_root), echo=None)
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["schema"] == "prunelab.result/1"
+    assert saved["sparsity"] == pytest.approx(0.9, abs=1e-12)
+    assert saved["params"]["prunable_kept"] == round(0.1 * 266200)
+    assert saved["params"]["total"] == 266610
+    assert saved["error"]["test"] < 0.05  # three short epochs on real MNIST
+    assert saved["flops"]["dense"] == 2 * 266200 and saved["flops"]["effective"] == 2 * 26620
+    assert [e["stage"] for e in saved["prune_events"]] == ["prune-1"]
+    assert [h["stage_name"] for h in saved["history"]] == ["pretrain", "pretrain", "finetune-1"]
+    assert {"name", "shape", "params", "nonzero", "sparsity", "flops"} <= set(saved["layers"][0])
+    assert result["error"] == saved["error"]
+    for name in ("config.toml", "state.json", "log.txt", "model.safetensors", "rewind.safetensors"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert len(list((tmp_path / "run").glob("ckpt-*.safetensors"))) == 1  # only the latest is kept
+
+
+def test_resume_equals_uninterrupted(tmp_path, data_root, monkeypatch):
+    whole = lab_run.run(config(tmp_path, data_root, "whole"), echo=None)
+
+    calls = {"n": 0}
+    original = Trainer.run_epoch
+
+    def crash_on_second_epoch(self, epoch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "run_epoch", crash_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        lab_run.run(config(tmp_path, data_root, "resumed"), echo=None)
+    state = json.loads((tmp_path / "resumed" / "state.json").read_text())
+    assert (state["stage"], state["epoch"]) == (0, 1)  # stopped after the first pre-training epoch
+    monkeypatch.setattr(Trainer, "run_epoch", original)
+    resumed = lab_run.run(config(tmp_path, data_root, "resumed"), echo=None)
+
+    assert resumed["error"] == whole["error"]
+    a, _ = checkpoint.load_tensors(tmp_path / "whole" / "model.safetensors")
+    b, _ = checkpoint.load_tensors(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_config(tmp_path, data_root):
+    lab_run.run(config(tmp_path, data_root, epochs=1, finetune_epochs=0), echo=None)
+    from prunelab.errors import PrunelabError
+    with pytest.raises(PrunelabError, match="different config"):
+        lab_run.run(config(tmp_path, data_root, epochs=1, finetune_epochs=0, sparsity=0.5), echo=None)
+
+
+def test_lottery_ticket_rewinds_to_init_and_keeps_masks(tmp_path, data_root):
+    cfg = config(tmp_path, data_root, "lth", iterations=30, epochs=None, rounds=2, rewind="init",
+                 sparsity=0.75, val_fraction=0.05)
+    stages = [s.name for s in lab_run.plan(lab_run.resolve(cfg))]
+    assert stages == ["pretrain", "prune-1", "rewind-1", "retrain-1", "prune-2", "rewind-2", "retrain-2"]
+    result = lab_run.run(cfg, echo=None)
+    events = result["prune_events"]
+    assert events[0]["sparsity"] == pytest.approx(0.5, abs=1e-5)  # geometric: sqrt(0.25) kept
+    assert result["sparsity"] == pytest.approx(0.75, abs=1e-12)
+    assert [h["steps"] for h in result["history"]] == [30, 30, 30]  # iteration budget, one short epoch each
+
+
+def test_rewind_restores_initial_weights_under_masks(tmp_path, data_root):
+    cfg = lab_run.resolve(config(tmp_path, data_root, "rw", iterations=5, epochs=None, rewind="init"))
+    run = lab_run.Run(cfg, echo=None)
+    run.out.mkdir(parents=True)
+    import prunelab
+    run.model = prunelab.build_model("lenet300-100", seed=0)
+    initial = {k: v.clone() for k, v in run.model.state_dict().items()}
+    checkpoint.save_model(run.out / "rewind.safetensors", run.model)
+    with torch.no_grad():
+        run.model.fc1.weight.add_(1.0)
+    prunelab.prune(run.model, "random", sparsity=0.5, seed=0)
+    mask = prunelab.masks(run.model)["fc1.weight"]
+    run._rewind(lab_run.Stage("rewind", "rewind-1"), {})
+    assert torch.equal(run.model.fc1.weight, initial["fc1.weight"] * mask)
+    assert torch.equal(masking.masks(run.model)["fc1.weight"], mask)
