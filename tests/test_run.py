@@ -96,3 +96,17 @@ def test_rewind_restores_initial_weights_under_masks(tmp_path, data_root):
     run._rewind(lab_run.Stage("rewind", "rewind-1"), {})
     assert torch.equal(run.model.fc1.weight, initial["fc1.weight"] * mask)
     assert torch.equal(masking.masks(run.model)["fc1.weight"], mask)
+
+
+def test_reinit_trains_a_fresh_draw_under_the_same_masks(tmp_path, data_root):
+    base = dict(method="random", sparsity=0.5, iterations=0, epochs=None, val_fraction=0.05)
+    scored = lab_run.run(config(tmp_path, data_root, "scored", **base), echo=None)
+    fresh = lab_run.run(config(tmp_path, data_root, "fresh", reinit=True, **base), echo=None)
+    assert [s.name for s in lab_run.plan(lab_run.resolve(config(tmp_path, data_root, reinit=True, **base)))] \
+        == ["prune", "reinit", "train"]
+    a, _ = checkpoint.load_tensors(tmp_path / "scored" / "model.safetensors")
+    b, _ = checkpoint.load_tensors(tmp_path / "fresh" / "model.safetensors")
+    assert torch.equal(a["mask::fc1.weight"], b["mask::fc1.weight"])
+    assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
+    assert torch.equal(b["fc1.weight"] != 0, b["mask::fc1.weight"])
+    assert scored["sparsity"] == fresh["sparsity"]

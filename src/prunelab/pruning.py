@@ -9,53 +9,22 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import masking, selection
-from .criteria import magnitude_scores, random_scores
-from .errors import PrunelabError, unknown
+from .errors import PrunelabError
+from .methods import METHODS, Method, get_method, list_methods, register
+
+__all__ = ["LayerCollapseWarning", "Method", "PruneReport", "get_method", "list_methods", "prune",
+           "register", "scores"]
 
 
 class LayerCollapseWarning(UserWarning):
     """A selection removed every weight of a layer: the network can no longer pass signal through it."""
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    description: str
-    criterion: Callable[..., dict[str, torch.Tensor]] | None  # None: trains dense, prunes nothing
-    scope: str = "global"          # default selection scope
-    when: str = "trained"          # default schedule: "init" (before training) or "trained"
-    needs_data: bool = False
-    options: dict[str, Any] = field(default_factory=dict)  # extra keyword options and defaults
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    METHODS[method.name] = method
-    return method
-
-
-register(Method("none", "no pruning: trains the dense reference", None))
-register(Method("random", "uniformly random weights (global or per layer)", random_scores, when="init"))
-register(Method("magnitude", "smallest |w| first (Han et al. 2015; global or per layer)", magnitude_scores))
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise unknown("method", name, METHODS)
-    return METHODS[name]
-
-
-def list_methods() -> list[Method]:
-    return [METHODS[n] for n in sorted(METHODS)]
 
 
 @dataclass
@@ -76,13 +45,9 @@ class PruneReport:
         return dict(self.__dict__)
 
 
-def scores(model: nn.Module, method: str, data=None, *, seed: int = 0, include_bias: bool = False,
-           **options) -> dict[str, torch.Tensor]:
-    """``{parameter name: score}`` of a score-based method on the model's prunable parameters."""
+def _prepare(model: nn.Module, method: str, data, include_bias: bool, options: dict):
+    """Check a call against its method and return (method, prunable parameters, merged options)."""
     spec = get_method(method)
-    if spec.criterion is None:
-        raise PrunelabError(f"method {method!r} has no scores; score-based methods: "
-                            f"{', '.join(n for n, m in METHODS.items() if m.criterion)}")
     masking.require_prunable(model)
     if spec.needs_data and data is None:
         raise PrunelabError(f"method {method!r} needs data to score (pass data=...)")
@@ -92,9 +57,17 @@ def scores(model: nn.Module, method: str, data=None, *, seed: int = 0, include_b
         raise PrunelabError(f"unknown option(s) {', '.join(sorted(unknown_options))} for method "
                             f"{method!r}; allowed: {allowed}")
     params = masking.prunable_parameters(model, include_bias=include_bias)
-    generator = torch.Generator().manual_seed(seed)
-    merged = {**spec.options, **options}
-    return spec.criterion(model, params, data=data, generator=generator, **merged)
+    return spec, params, {**spec.options, **options}
+
+
+def scores(model: nn.Module, method: str, data=None, *, seed: int = 0, include_bias: bool = False,
+           **options) -> dict[str, torch.Tensor]:
+    """``{parameter name: score}`` of a score-based method on the model's prunable parameters."""
+    spec, params, merged = _prepare(model, method, data, include_bias, options)
+    if spec.criterion is None:
+        raise PrunelabError(f"method {method!r} has no scores; score-based methods: "
+                            f"{', '.join(n for n, m in METHODS.items() if m.criterion)}")
+    return spec.criterion(model, params, data=data, generator=torch.Generator().manual_seed(seed), **merged)
 
 
 def prune(model: nn.Module, method: str, sparsity: float, data=None, *, scope: str | None = None,
@@ -107,15 +80,20 @@ def prune(model: nn.Module, method: str, sparsity: float, data=None, *, scope: s
     iterative schedule. Exactly round((1 - sparsity) m) of the m prunable weights survive.
     """
     sparsity = selection.check_sparsity(sparsity)
-    spec = get_method(method)
-    scope = scope or spec.scope
     start = time.perf_counter()
-    if spec.criterion is None:
-        raise PrunelabError("method 'none' prunes nothing; choose a pruning method: "
-                            f"{', '.join(n for n in METHODS if n != 'none')}")
-    score = scores(model, method, data, seed=seed, include_bias=include_bias, **options)
+    spec, params, merged = _prepare(model, method, data, include_bias, options)
+    scope = scope or spec.scope
     alive = masking.masks(model)
-    new_masks = selection.select(score, sparsity, scope, alive)
+    generator = torch.Generator().manual_seed(seed)
+    if spec.pruner is not None:
+        new_masks = spec.pruner(model, params, sparsity=sparsity, scope=scope, alive=alive, data=data,
+                                generator=generator, **merged)
+    elif spec.criterion is not None:
+        score = spec.criterion(model, params, data=data, generator=generator, **merged)
+        new_masks = selection.select(score, sparsity, scope, alive)
+    else:
+        raise PrunelabError(f"method {method!r} prunes nothing; choose a pruning method: "
+                            f"{', '.join(n for n, m in METHODS.items() if m.criterion or m.pruner)}")
     masking.attach(model, new_masks, optimizer)
     report = _report(spec.name, scope, sparsity, new_masks, time.perf_counter() - start)
     if report.collapsed:

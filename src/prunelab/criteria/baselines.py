@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..methods import Method, register
+
 
 def random_scores(model, params, *, generator: torch.Generator, **_):
     """Uniform random scores, drawn in parameter order from ``generator`` (reproducible by seed)."""
@@ -18,3 +20,9 @@ def random_scores(model, params, *, generator: torch.Generator, **_):
 def magnitude_scores(model, params, **_):
     """|w| of the current weights."""
     return {name: p.detach().abs().cpu() for name, p in params.items()}
+
+
+register(Method("none", "no pruning: trains the dense reference", None))
+register(Method("random", "uniformly random weights (global or per layer)", random_scores, when="init"))
+register(Method("magnitude", "smallest |w| first (Han et al. 2015; global or per layer)", magnitude_scores,
+                paper="Han et al., NeurIPS 2015"))

@@ -37,6 +37,8 @@ class RunConfig:
     rewind: str = "none"                # after each round: "none" (fine-tune), "init" or "early" (LTH)
     rewind_iteration: int = 0           # the step of pre-training rewound to when rewind = "early"
     include_bias: bool = False          # prune biases too
+    reinit: bool = False                # when = "init": train from a fresh draw of the initialisation
+                                        # under the masks (SNIP's official code), not the scored weights
     method_options: dict[str, Any] = field(default_factory=dict)
     # model and data
     init: str = "default"

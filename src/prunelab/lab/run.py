@@ -25,7 +25,7 @@ from .. import __version__, checkpoint, masking, metrics, pruning, selection
 from ..data import dataset_info, load_dataset
 from ..errors import PrunelabError
 from ..models import build_model, model_info
-from ..training import Trainer, evaluate
+from ..training import Trainer, derive_seed, evaluate
 from .config import REWIND, SCOPES, WHEN, RunConfig, to_toml
 
 RESULT_SCHEMA = "prunelab.result/1"
@@ -43,16 +43,17 @@ def resolve(config: RunConfig) -> RunConfig:
     """Fill defaults that depend on other settings and check every value before any work starts."""
     info = model_info(config.model)
     method = pruning.get_method(config.method)
+    prunes = method.criterion is not None or method.pruner is not None
     dataset = config.dataset or info.default_dataset
     data = dataset_info(dataset)
     if tuple(data.input_shape) != tuple(info.input_shape):
         raise PrunelabError(f"model {info.name} expects inputs of shape {tuple(info.input_shape)}, "
                             f"dataset {data.name} gives {tuple(data.input_shape)}")
     selection.check_sparsity(config.sparsity)
-    if method.criterion is None and config.sparsity:
+    if not prunes and config.sparsity:
         raise PrunelabError("method 'none' trains the dense model; give --method to prune "
                             f"(sparsity {config.sparsity} requested)")
-    if method.criterion is not None and not config.sparsity:
+    if prunes and not config.sparsity:
         raise PrunelabError(f"method {method.name!r} needs a target: --sparsity in (0, 1)")
     when = config.when or method.when
     scope = config.scope or method.scope
@@ -63,6 +64,8 @@ def resolve(config: RunConfig) -> RunConfig:
         raise PrunelabError(f"rounds must be >= 1, got {config.rounds}")
     if when == "init" and (config.rounds > 1 or config.rewind != "none"):
         raise PrunelabError("rounds and rewind apply to pruning a trained model (when = 'trained')")
+    if config.reinit and when != "init":
+        raise PrunelabError("reinit applies to pruning at initialisation (when = 'init')")
     if not 0.0 <= config.val_fraction < 1.0:
         raise PrunelabError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
     resolved = replace(config, model=info.name, dataset=data.name, when=when, scope=scope)
@@ -75,7 +78,8 @@ def plan(config: RunConfig) -> list[Stage]:
     if config.method == "none":
         return [Stage("train", "train")]
     if config.when == "init":
-        return [Stage("prune", "prune", config.sparsity), Stage("train", "train")]
+        reinit = [Stage("rewind", "reinit")] if config.reinit else []
+        return [Stage("prune", "prune", config.sparsity), *reinit, Stage("train", "train")]
     stages = [Stage("train", "pretrain")]
     for r in range(1, config.rounds + 1):
         # geometric schedule: every round keeps the same fraction of what survived the last one
@@ -217,12 +221,22 @@ class Run:
                  + (f"; LAYER COLLAPSE in {', '.join(report.collapsed)}" if report.collapsed else ""))
 
     def _rewind(self, stage: Stage, state: dict) -> None:
+        """Replace the weights, keeping the masks: rewound to ``rewind.safetensors``, or (``reinit``) a
+        fresh draw of the same initialisation with another seed."""
+        cfg = self.config
         current = masking.masks(self.model)
-        tensors, _ = checkpoint.load_tensors(self.out / "rewind.safetensors")
+        if stage.name == "reinit":
+            seed = derive_seed(cfg.seed, "reinit") % 2**31
+            fresh = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
+                                init=cfg.init, seed=seed, **cfg.model_options)
+            tensors, what = fresh.state_dict(), f"re-initialised (seed {seed})"
+        else:
+            tensors, _ = checkpoint.load_tensors(self.out / "rewind.safetensors")
+            what = f"rewound ({cfg.rewind})"
         checkpoint.restore_model(self.model, {k: v for k, v in tensors.items()
                                               if not k.startswith(checkpoint.MASK_PREFIX)})
         masking.attach(self.model, current)
-        self.log(f"{stage.name:>12} weights rewound ({self.config.rewind}), masks kept")
+        self.log(f"{stage.name:>12} weights {what}, masks kept")
 
     def _finish(self, state: dict) -> dict:
         cfg = self.config

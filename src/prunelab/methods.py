@@ -1,0 +1,60 @@
+"""The method registry: name -> criterion, selection scope and default schedule.
+
+A method module registers itself at import (``register(Method(...))``); every module in
+``prunelab.criteria`` is imported by ``prunelab.criteria``, so adding a method is adding one file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .errors import unknown
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method.
+
+    ``criterion(model, params, *, data, generator, **options) -> {name: score}`` (higher = keep) is
+    followed by the selection rule of ``scope``. A method whose selection is not a plain top-k (iterative
+    rounds inside one pruning step, per-neuron rules) gives ``pruner(model, params, *, sparsity, scope,
+    alive, data, generator, **options) -> {name: bool mask}`` instead; it may still give a criterion
+    for ``prunelab.scores``.
+    """
+
+    name: str
+    description: str
+    criterion: Callable[..., dict[str, torch.Tensor]] | None  # None with no pruner: prunes nothing
+    scope: str = "global"          # default selection scope
+    when: str = "trained"          # default schedule: "init" (before training) or "trained"
+    needs_data: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword options and their defaults
+    pruner: Callable[..., dict[str, torch.Tensor]] | None = None
+    paper: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise RuntimeError(f"method {method.name!r} registered twice")  # a programming error
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    from . import criteria  # noqa: F401  (registers every method)
+
+    if name not in METHODS:
+        raise unknown("method", name, METHODS)
+    return METHODS[name]
+
+
+def list_methods() -> list[Method]:
+    from . import criteria  # noqa: F401
+
+    return [METHODS[n] for n in sorted(METHODS)]
