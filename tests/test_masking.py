@@ -98,6 +98,16 @@ def test_masks_keyed_by_unpruned_names_and_state_dict_unchanged():
     fresh.load_state_dict(model.state_dict())  # loads into an unpruned model
 
 
+def test_masks_hold_through_gradient_accumulation_and_clipping():
+    model = mlp()
+    wanted = half_masks(model)
+    masking.attach(model, wanted)
+    for _ in range(2):  # two backward passes accumulate into .grad
+        model(torch.randn(4, 6)).sum().backward()
+    for name, mask in wanted.items():
+        assert torch.count_nonzero(model.get_parameter(name).grad[~mask]) == 0
+
+
 def test_attach_rejects_bad_masks():
     model = mlp()
     with pytest.raises(prunelab.PrunelabError, match="unknown parameter 'nope.weight'"):
@@ -159,5 +169,8 @@ def test_masks_follow_device_moves():
     model = mlp()
     masking.attach(model, half_masks(model))
     model.to(torch.float64)
-    model(torch.randn(2, 6, dtype=torch.float64))
-    assert model[0].weight_mask.dtype == torch.bool  # buffers keep their type; weights stay masked
+    wanted = prunelab.masks(model)
+    assert model[0].weight_mask.dtype == torch.float64  # the mask follows its weight: no cast per use
+    assert all(m.dtype == torch.bool for m in wanted.values())
+    train_steps(model.float(), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    assert_pruned_zero(model, wanted)

@@ -1,28 +1,32 @@
 """Masks on a model: attach, apply, keep through optimizer steps, read, make permanent.
 
-One boolean mask per prunable parameter, kept as a non-persistent buffer ``<param>_mask`` on the module
-that owns the parameter, so it follows ``model.to(device)`` but never enters ``state_dict()``: a masked
-model's state dict loads into an unpruned model of the same architecture, and parameter names stay those
-of the unpruned model (``fc1.weight``).
+One mask per prunable parameter, kept as a non-persistent buffer ``<param>_mask`` (in the parameter's
+dtype, 0 or 1, so applying it needs no conversion) on the module that owns the parameter: it follows
+``model.to(device)`` but never enters ``state_dict()``, so a masked model's state dict loads into an
+unpruned model of the same architecture, and parameter names stay those of the unpruned model
+(``fc1.weight``). ``masks(model)`` returns them as bool tensors.
 
-A mask holds in four places, which together mean no optimizer (momentum, weight decay, Adam moments)
-can revive a pruned weight, whether or not the optimizer existed when the mask was attached:
+Why no optimizer (momentum, weight decay, Adam moments) can revive a pruned weight:
 
-1. when attached, the weights (and the state of an optimizer passed in) at masked positions are zeroed;
-2. a gradient hook zeroes the gradient at masked positions, so momentum and Adam moments stay zero there
-   and weight decay acts on a weight that is already zero;
-3. after every ``optimizer.step()`` of any torch optimizer, a global step hook zeroes masked weights and
-   the optimizer's state there again (stale momentum from before pruning cannot leak back);
-4. a forward pre-hook multiplies the weights by the mask in place, so the forward pass always sees the
-   masked weights whatever code touched them since (a custom update rule, a loaded state dict).
+1. when a mask is attached, the masked weights are zeroed;
+2. a post-accumulate-grad hook zeroes the gradient at masked positions (in place), so an update of a
+   zero weight with a zero gradient and zero optimizer state stays exactly zero for SGD (momentum,
+   Nesterov, weight decay), Adam, AdamW, RMSprop and Adagrad;
+3. the first ``optimizer.step()`` after a mask is attached (a global step hook, whether or not the
+   optimizer was passed to ``attach``) zeroes that optimizer's state at masked positions once, so stale
+   momentum from before pruning cannot leak back;
+4. a forward pre-hook re-applies the mask whenever the weight was changed by anything but an optimizer
+   step (a loaded state dict, a manual edit: tracked by the tensor's version counter), so the forward
+   pass always sees masked weights.
 
-Together the hooks cost a few element-wise products per masked tensor per step (measured in the
-README: a few percent of an epoch).
+Per training step this costs one in-place multiply per masked tensor (the gradient): under 10% of an
+epoch even for LeNet-300-100, whose steps are tiny (measured in benchmarks/results/mask_overhead.json).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Iterable, Mapping
 
 import torch
@@ -75,8 +79,9 @@ def attach(model: nn.Module, masks: Mapping[str, torch.Tensor],
            optimizer: torch.optim.Optimizer | None = None) -> None:
     """Attach (or replace) masks, keyed by parameter name, and zero the masked weights now.
 
-    A parameter that already has a mask gets the new one; parameters not named keep theirs. Pass the
-    optimizer in use, if any, so its state at masked positions is zeroed too.
+    A parameter that already has a mask gets the new one; parameters not named keep theirs. An
+    optimizer passed here has its state at masked positions zeroed now; any other is cleaned at its
+    next step.
     """
     params = dict(model.named_parameters())
     for name, mask in masks.items():
@@ -87,11 +92,14 @@ def attach(model: nn.Module, masks: Mapping[str, torch.Tensor],
         if tuple(mask.shape) != tuple(param.shape):
             raise PrunelabError(f"mask for {name} has shape {tuple(mask.shape)}, "
                                 f"the parameter has {tuple(param.shape)}")
+        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+            raise PrunelabError(f"mask for {name} must be boolean or hold only 0 and 1")
         module, local = _owner(model, name)
-        mask = mask.detach().to(device=param.device, dtype=torch.bool).clone()
-        module.register_buffer(local + MASK_SUFFIX, mask, persistent=False)
+        module.register_buffer(local + MASK_SUFFIX, mask.detach().to(param.device, param.dtype).clone(),
+                               persistent=False)
         _install_hooks(module, local, param)
-        param._prunelab_mask_owner = (module, local + MASK_SUFFIX)
+        param._prunelab_mask = (module, local)
+        param._prunelab_generation = next(_generations)
     apply(model)
     if optimizer is not None:
         mask_optimizer_state(optimizer)
@@ -102,7 +110,7 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     found = {}
     for module_name, module in model.named_modules():
         for local in getattr(module, "_prunelab_masked", ()):
-            found[_join(module_name, local)] = getattr(module, local + MASK_SUFFIX)
+            found[_join(module_name, local)] = getattr(module, local + MASK_SUFFIX).bool()
     order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     return dict(sorted(found.items(), key=lambda item: order[item[0]]))
 
@@ -115,29 +123,45 @@ def is_masked(model: nn.Module) -> bool:
 def apply(model: nn.Module) -> None:
     """Zero every masked weight in place."""
     for module in model.modules():
-        _apply_module(module)
+        for local in getattr(module, "_prunelab_masked", ()):
+            _apply_one(module, local)
 
 
 @torch.no_grad()
 def mask_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Zero masked weights and the optimizer's per-parameter state (momentum, Adam moments) there."""
+    cleaned = optimizer.__dict__.setdefault("_prunelab_cleaned", {})
     for group in optimizer.param_groups:
         for param in group["params"]:
-            owner = getattr(param, "_prunelab_mask_owner", None)
+            owner = getattr(param, "_prunelab_mask", None)
             if owner is None:
                 continue
-            mask = getattr(*owner)
-            param.mul_(mask)
+            module, local = owner
+            mask = getattr(module, local + MASK_SUFFIX)
             for value in optimizer.state.get(param, {}).values():
                 if torch.is_tensor(value) and value.shape == mask.shape:
                     value.mul_(mask)
+            _apply_one(module, local)
+            cleaned[id(param)] = param._prunelab_generation
 
 
 def _after_step(optimizer: torch.optim.Optimizer, _args, _kwargs) -> None:
-    mask_optimizer_state(optimizer)
+    """Global step hook: clean the state of a mask this optimizer has not seen, then trust the zeros."""
+    cleaned = optimizer.__dict__.get("_prunelab_cleaned", {})
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            owner = getattr(param, "_prunelab_mask", None)
+            if owner is None:
+                continue
+            if cleaned.get(id(param)) != param._prunelab_generation:
+                mask_optimizer_state(optimizer)
+                return
+            module, local = owner
+            module._prunelab_versions[local] = param._version  # the step kept the zeros: no re-apply
 
 
 register_optimizer_step_post_hook(_after_step)
+_generations = itertools.count()
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -163,38 +187,50 @@ def remove(model: nn.Module, names: Iterable[str] | None = None) -> None:
         dropped = [local for local in masked if wanted is None or _join(module_name, local) in wanted]
         for local in dropped:
             delattr(module, local + MASK_SUFFIX)
-            vars(getattr(module, local)).pop("_prunelab_mask_owner", None)
             module._prunelab_handles.pop(local).remove()
+            for attribute in ("_prunelab_mask", "_prunelab_generation"):
+                vars(getattr(module, local)).pop(attribute, None)
+        if not masked:
+            continue
         module._prunelab_masked = tuple(local for local in masked if local not in dropped)
         if not module._prunelab_masked:
-            for handle in getattr(module, "_prunelab_handles", {}).values():
+            for handle in module._prunelab_handles.values():
                 handle.remove()
-            for attribute in ("_prunelab_masked", "_prunelab_handles"):
-                if hasattr(module, attribute):
-                    delattr(module, attribute)
+            for attribute in ("_prunelab_masked", "_prunelab_handles", "_prunelab_versions"):
+                delattr(module, attribute)
 
 
 def _install_hooks(module: nn.Module, local: str, param: nn.Parameter) -> None:
     masked = getattr(module, "_prunelab_masked", ())
     if local in masked:
         return  # the hooks look the buffer up at call time, so a replaced mask needs no new hook
-    handles = getattr(module, "_prunelab_handles", None)
-    if handles is None:
-        handles = {"forward": module.register_forward_pre_hook(_forward_pre_hook)}
-        module._prunelab_handles = handles
-    buffer_name = local + MASK_SUFFIX
-    handles[local] = param.register_hook(lambda grad: grad * getattr(module, buffer_name))
+    if not masked:
+        module._prunelab_handles = {"forward": module.register_forward_pre_hook(_forward_pre_hook)}
+        module._prunelab_versions = {}
+    module._prunelab_handles[local] = param.register_post_accumulate_grad_hook(_mask_gradient)
     module._prunelab_masked = masked + (local,)
 
 
+def _mask_gradient(param: nn.Parameter) -> None:
+    owner = getattr(param, "_prunelab_mask", None)
+    if owner is not None and param.grad is not None:
+        module, local = owner
+        param.grad.mul_(getattr(module, local + MASK_SUFFIX))
+
+
 def _forward_pre_hook(module: nn.Module, _inputs) -> None:
+    versions = module._prunelab_versions
+    for local in module._prunelab_masked:
+        if getattr(module, local)._version != versions.get(local):
+            with torch.no_grad():
+                _apply_one(module, local)
+
+
+def _apply_one(module: nn.Module, local: str) -> None:
+    param = getattr(module, local)
     with torch.no_grad():
-        _apply_module(module)
-
-
-def _apply_module(module: nn.Module) -> None:
-    for local in getattr(module, "_prunelab_masked", ()):
-        getattr(module, local).data.mul_(getattr(module, local + MASK_SUFFIX))
+        param.mul_(getattr(module, local + MASK_SUFFIX))
+    module._prunelab_versions[local] = param._version
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
