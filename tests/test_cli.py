@@ -51,7 +51,7 @@ BAD = [
     (["--model", "lenet300-100", "--method", "magnitude", "--sparsity", "0.5", "--scope", "row"], ["invalid scope 'row'", "global, layer"]),
     (["--model", "lenet300-100", "--optimizer", "lion"], ["unknown optimizer 'lion'", "sgd, adam"]),
     (["--model", "resnet20", "--dataset", "mnist"], ["expects inputs of shape (3, 32, 32)", "(1, 28, 28)"]),
-    (["--model", "lenet300-100", "--model-option", "relu=true"], ["relu"]),
+    (["--model", "lenet300-100", "--model-option", "relu=true"], ["unknown option 'relu' for model 'lenet300-100'"]),
     (["--model", "lenet300-100", "--bogus-flag", "1"], ["unrecognized arguments: --bogus-flag"]),
     (["--method", "magnitude"], ["no model given", "lenet300-100"]),
 ]
@@ -144,3 +144,14 @@ def test_console_script_exit_status(tmp_path):
         pytest.skip("prunelab is not installed as a console script in this environment")
     proc = subprocess.run([str(script), "run", "--model", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown model 'nope'" in proc.stderr
+
+
+def test_every_config_key_is_a_documented_flag(capsys):
+    from prunelab.lab.config import FIELDS, HELP
+    assert set(HELP) == set(FIELDS)
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = capsys.readouterr().out
+    for name in FIELDS:
+        flag = "--" + name.replace("_", "-")
+        assert (flag.removesuffix("s") if name.endswith("_options") else flag) in text, name

@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .lab.config import FIELDS, field_kind
+    from .lab.config import FIELDS, HELP, field_kind
 
     parser = _Parser(prog="prunelab", description="Neural-network pruning lab.")
     parser.add_argument("--version", action="version", version=f"prunelab {__version__}")
@@ -40,12 +40,13 @@ def _build_parser() -> argparse.ArgumentParser:
         kind = field_kind(name)
         if kind is dict:
             run.add_argument(flag.removesuffix("s"), dest=name, action="append", metavar="KEY=VALUE",
-                             default=argparse.SUPPRESS, help=f"one entry of [{name}] (repeatable)")
+                             default=argparse.SUPPRESS, help=HELP[name])
         elif kind is bool:
-            run.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            run.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                             help=HELP[name])
         else:
             metavar = "N,N,..." if kind is list else kind.__name__.upper()
-            run.add_argument(flag, dest=name, metavar=metavar, default=argparse.SUPPRESS)
+            run.add_argument(flag, dest=name, metavar=metavar, default=argparse.SUPPRESS, help=HELP[name])
     run.add_argument("--quiet", action="store_true", help="print only the result table")
 
     listing = commands.add_parser("list", help="list models, datasets or methods")

@@ -187,3 +187,43 @@ def option_value(text: str) -> Any:
 
 def defaults() -> dict[str, Any]:
     return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(RunConfig)}
+
+
+HELP = {
+    "model": "architecture (prunelab list models)",
+    "dataset": "dataset (prunelab list datasets); default: the model's own",
+    "method": "pruning method (prunelab list methods); 'none' trains the dense reference",
+    "sparsity": "target fraction of prunable weights removed, in [0, 1)",
+    "scope": "selection scope: global | layer (default: the method's)",
+    "when": "init (prune, then train) | trained (train, prune, fine-tune); default: the method's",
+    "rounds": "iterative pruning rounds, each keeping the same fraction of the survivors",
+    "rewind": "after each round: none (fine-tune) | init | early (lottery-ticket rewinding)",
+    "rewind_iteration": "pre-training step rewound to when rewind = early",
+    "include_bias": "prune biases too",
+    "reinit": "when = init: train a fresh draw of the initialisation under the masks",
+    "method_options": "method option KEY=VALUE (repeatable)",
+    "init": "initialisation: default | vs-h | vs-x | vs | normal | truncated-normal",
+    "model_options": "model option KEY=VALUE, e.g. relu=true (repeatable)",
+    "data_root": "data folder (default: $PRUNELAB_DATA, else the user cache)",
+    "val_fraction": "fraction of the training set held out for validation, in [0, 1)",
+    "epochs": "training budget in epochs",
+    "iterations": "training budget in steps (overrides epochs)",
+    "batch_size": "training batch size",
+    "optimizer": "sgd | adam",
+    "lr": "learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "L2 weight decay",
+    "lr_schedule": "constant | step | multistep | cosine",
+    "milestones": "multistep decay points, in the budget's unit",
+    "step_size": "step schedule period, in the budget's unit",
+    "gamma": "decay factor of step / multistep",
+    "warmup": "linear warm-up length, in the budget's unit",
+    "finetune_epochs": "fine-tuning epochs after pruning a trained model (default: the training budget)",
+    "finetune_lr": "fine-tuning learning rate (default: lr)",
+    "seed": "seed of every random choice (initialisation, split, batches, random methods)",
+    "out": "run folder (default: runs/<model>_<dataset>_<method>_<hash>); an existing one resumes",
+    "device": "torch device, e.g. cpu or cuda",
+    "threads": "CPU threads for torch",
+    "latency": "measure CPU inference latency at the end",
+}

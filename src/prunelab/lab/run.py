@@ -147,12 +147,12 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         state = self._load_state()  # refuses a folder holding another config before any work
-        # data and model first: bad input fails here, before the run folder is touched
-        self.train, self.val, self.test = load_dataset(cfg.dataset, root=cfg.data_root,
-                                                       val_fraction=cfg.val_fraction, seed=cfg.seed)
+        # model, then data: bad input fails here (cheapest check first), before the run folder is touched
         self.model = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
                                  init=cfg.init, seed=cfg.seed, **cfg.model_options).to(cfg.device)
         masking.require_prunable(self.model)
+        self.train, self.val, self.test = load_dataset(cfg.dataset, root=cfg.data_root,
+                                                       val_fraction=cfg.val_fraction, seed=cfg.seed)
         self.out.mkdir(parents=True, exist_ok=True)
         if state is None:
             checkpoint.atomic_write(self.out / "config.toml", to_toml(cfg))

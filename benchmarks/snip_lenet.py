@@ -1,0 +1,243 @@
+"""SNIP (Lee et al., ICLR 2019) Table 1 on real MNIST, driven through the lab, plus the LSTM of Table 2.
+
+Parts (``--part``, repeatable; each writes its rows into the same results, merged with earlier rows):
+
+* ``lenet300``: LeNet-300-100 dense, SNIP 95% and 98% (paper: 1.7 / 1.6 / 2.4 % error).
+* ``lenet5``:   LeNet-5-Caffe (no conv ReLU, as SNIP) dense, SNIP 98% and 99% (paper: 0.9 / 0.8 / 1.1 %).
+* ``lstm``:     LSTM-s (128 units, row-by-row MNIST) dense and SNIP 95% (paper Table 2: 1.88 -> 1.57 %).
+* ``timing``:   SNIP scoring of LeNet-5-Caffe on a batch of 100 against 5 training steps.
+
+The paper's recipe (section 5): SGD, momentum 0.9, weight decay 5e-4, batch 100, lr 0.1 times 0.1 every
+25k iterations, 10% of the training set held out for validation. The total length is not stated; the
+default is methods.md's recommendation of 100k iterations. ``--iterations N`` shortens a part and scales
+the decay with it (every N/4 iterations, so 4 equal phases at 0.1, 0.01, 0.001, 1e-4). Initialisation
+"vs" = TensorFlow's ``variance_scaling_initializer()`` (fan-in, scale 1, truncated normal), the official
+code's default; biases start at 0. SNIP scores one batch of 100 with BatchNorm-free nets (bn_mode is
+moot here) and the network is trained from the scored weights (``--reinit`` for the official code's
+fresh draw). Sparsity counts conv/linear weights only (``--include-bias`` to also prune the biases,
+whose score is 0 at init, as the official code does; the paper's m then includes them).
+
+The LSTM part uses no SGD recipe from the paper (none is given for RNNs beyond the general one); it
+trains with Adam lr 1e-3, no weight decay (the paper's setting for its RNN initialisation study,
+Table 3), for ``--lstm-iterations`` steps with the lr x0.1 after 3/4 of them. The LSTM reads each
+28-pixel row through a linear projection to 128 (``embed=True``), which reproduces the paper's
+137k parameters (see prunelab/models/rnn.py; a reconstruction).
+
+Every run is a lab run under ``--runs`` (default runs/snip_lenet/...): interrupted runs resume, finished
+ones are read back from their result.json. Results: benchmarks/results/snip_lenet.json and .md.
+
+    python benchmarks/snip_lenet.py --part lenet300                        # full 100k schedule
+    python benchmarks/snip_lenet.py --part lenet5 --iterations 10000
+    python benchmarks/snip_lenet.py --part lstm --lstm-iterations 10800
+    python benchmarks/snip_lenet.py --part timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import prunelab
+from prunelab.checkpoint import atomic_write, write_json
+from prunelab.lab.config import RunConfig
+from prunelab.lab.run import run as lab_run
+
+RESULTS = Path("benchmarks/results")
+PAPER = {  # test error %, SNIP Table 1 / Table 2 (reference-results.md section 1)
+    ("lenet300-100", 0.0): 1.7, ("lenet300-100", 0.95): 1.6, ("lenet300-100", 0.98): 2.4,
+    ("lenet5-caffe", 0.0): 0.9, ("lenet5-caffe", 0.98): 0.8, ("lenet5-caffe", 0.99): 1.1,
+    ("lstm", 0.0): 1.88, ("lstm", 0.95): 1.57,
+}
+PARTS = {
+    "lenet300": [("lenet300-100", {}, 0.0), ("lenet300-100", {}, 0.95), ("lenet300-100", {}, 0.98)],
+    "lenet5": [("lenet5-caffe", {"relu": False}, 0.0), ("lenet5-caffe", {"relu": False}, 0.98),
+               ("lenet5-caffe", {"relu": False}, 0.99)],
+    "lstm": [("lstm", {"hidden": 128, "embed": True}, 0.0), ("lstm", {"hidden": 128, "embed": True}, 0.95)],
+}
+
+
+def config_for(model: str, options: dict, sparsity: float, seed: int, args) -> RunConfig:
+    lstm = model == "lstm"
+    iterations = args.lstm_iterations if lstm else args.iterations
+    common = dict(model=model, model_options=dict(options), method="snip" if sparsity else "none",
+                  sparsity=sparsity, init="vs", include_bias=args.include_bias and bool(sparsity),
+                  reinit=args.reinit and bool(sparsity), data_root=args.data_root, val_fraction=0.1,
+                  epochs=None, iterations=iterations, batch_size=100, seed=seed, threads=args.threads,
+                  latency=False)
+    if lstm:
+        common.update(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_schedule="multistep",
+                      milestones=[iterations * 3 // 4], gamma=0.1)
+    else:
+        common.update(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="step",
+                      step_size=max(iterations // 4, 1), gamma=0.1)
+    name = f"{model}_{'dense' if not sparsity else f'snip{sparsity:g}'}_{iterations}it" \
+           + ("_bias" if common["include_bias"] else "") + ("_reinit" if common["reinit"] else "") + f"_s{seed}"
+    return RunConfig(**common, out=str(Path(args.runs) / name))
+
+
+def run_one(config: RunConfig) -> dict:
+    out = Path(config.out)
+    done = out / "result.json"
+    if done.exists():
+        saved = json.loads(done.read_text())
+        if saved.get("config", {}).get("iterations") == config.iterations:
+            return saved
+    started = time.perf_counter()
+    result = lab_run(config, progress=False, echo=None)
+    result["benchmark_wall_s"] = time.perf_counter() - started
+    return result
+
+
+def summarise(model, options, sparsity, results, configs) -> dict:
+    errors = [100 * r["error"]["test"] for r in results]
+    cfg = configs[0]
+    row = {
+        "model": model, "model_options": options, "method": cfg.method, "target_sparsity": sparsity,
+        "include_bias": cfg.include_bias, "reinit": cfg.reinit, "init": cfg.init,
+        "iterations": cfg.iterations, "optimizer": cfg.optimizer, "lr": cfg.lr,
+        "lr_schedule": cfg.lr_schedule, "step_size": cfg.step_size, "milestones": cfg.milestones,
+        "gamma": cfg.gamma, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+        "seeds": [c.seed for c in configs],
+        "test_error_pct": errors,
+        "val_error_pct": [100 * r["error"]["val"] for r in results],
+        "mean_pct": statistics.fmean(errors),
+        "std_pct": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+        "sparsity_achieved": [r["sparsity"] for r in results],
+        "prunable_kept": [r["params"]["prunable_kept"] for r in results],
+        "params_total": results[0]["params"]["total"],
+        "train_s": [r["time_s"]["train"] for r in results],
+        "prune_s": [r["time_s"]["prune"] for r in results],
+        "paper_error_pct": PAPER.get((model, sparsity)),
+        "runs": [c.out for c in configs],
+    }
+    return row
+
+
+def timing(args) -> dict:
+    """Median seconds of SNIP scoring (batch 100) and of 5 SGD training steps, LeNet-5-Caffe."""
+    train, _, _ = prunelab.load_dataset("mnist", root=args.data_root)
+    model = prunelab.build_model("lenet5-caffe", init="vs", seed=0)
+    trained = prunelab.build_model("lenet5-caffe", init="vs", seed=0)
+    prunelab.prune(trained, "snip", 0.99, data=train)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    batches = list(train.batches(100, shuffle=True, seed=1))[:5]
+
+    def score():
+        prunelab.scores(model, "snip", data=train, seed=0)
+
+    def steps():
+        trained.train()
+        for inputs, targets in batches:
+            loss = F.cross_entropy(trained(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    score(), steps()  # warm-up
+    times = {"snip_scoring_s": [], "five_steps_s": []}
+    for _ in range(args.timing_repeats):  # interleaved, so drift in the machine's speed hits both
+        for key, fn in (("snip_scoring_s", score), ("five_steps_s", steps)):
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+    medians = {k + "_median": statistics.median(v) for k, v in times.items()}
+    return {"model": "lenet5-caffe", "batch": 100, "threads": torch.get_num_threads(),
+            "repeats": args.timing_repeats, **times, **medians,
+            "ratio": medians["snip_scoring_s_median"] / medians["five_steps_s_median"],
+            "note": "SNIP scoring = prunelab.scores(model, 'snip') incl. drawing the batch; 5 steps = "
+                    "forward, cross-entropy, backward, SGD step on the SNIP-pruned (masked) model"}
+
+
+def markdown(data: dict) -> str:
+    lines = ["# SNIP reproduction on MNIST (Lee et al. 2019, Tables 1 and 2)", "",
+             "Generated by `benchmarks/snip_lenet.py`; test error in % (mean ± sample std over seeds).", "",
+             "| Net | Sparsity | Ours: test error % | Seeds | Paper % | Iterations | Schedule | Train s / run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(data["configs"], key=lambda k: (data["configs"][k]["model"], data["configs"][k]["target_sparsity"])):
+        row = data["configs"][key]
+        if row["optimizer"] == "sgd":
+            schedule = f"SGD 0.9, lr {row['lr']:g} x{row['gamma']:g}/{row['step_size']} it, wd {row['weight_decay']:g}"
+        else:
+            schedule = f"Adam lr {row['lr']:g}, x{row['gamma']:g} at {row['milestones']}"
+        name = row["model"] + (" (embed)" if row["model_options"].get("embed") else "")
+        target = "dense" if not row["target_sparsity"] else f"{100 * row['target_sparsity']:g}%"
+        paper = "–" if row["paper_error_pct"] is None else f"{row['paper_error_pct']:g}"
+        lines.append(f"| {name} | {target} | {row['mean_pct']:.2f} ± {row['std_pct']:.2f} "
+                     f"({', '.join(f'{e:.2f}' for e in row['test_error_pct'])}) | {len(row['seeds'])} | {paper} "
+                     f"| {row['iterations']:,} | {schedule} | {statistics.fmean(row['train_s']):.0f} |")
+    if "timing" in data:
+        t = data["timing"]
+        lines += ["", f"SNIP scoring of LeNet-5-Caffe on a batch of 100: {1000 * t['snip_scoring_s_median']:.1f} ms "
+                      f"(median of {t['repeats']}); 5 training steps: {1000 * t['five_steps_s_median']:.1f} ms; "
+                      f"ratio {t['ratio']:.2f} ({t['threads']} threads)."]
+    lines += ["", "Sparsity is over conv/linear weights (biases dense) unless the row says otherwise in the JSON; "
+                  "init `vs` (TensorFlow variance scaling, the SNIP code's default); 10% of the training set "
+                  "held out; the test set is used only for the final figure.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", action="append", choices=[*PARTS, "timing"],
+                        help="what to run (repeatable); default: lenet300 lenet5 lstm timing")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--iterations", type=int, default=100_000,
+                        help="training iterations of the LeNet parts; lr x0.1 every iterations/4")
+    parser.add_argument("--lstm-iterations", type=int, default=10_800, help="LSTM training iterations")
+    parser.add_argument("--include-bias", action="store_true", help="prune biases too (official SNIP code)")
+    parser.add_argument("--reinit", action="store_true", help="train from a fresh draw (official SNIP code)")
+    parser.add_argument("--runs", default="runs/snip_lenet")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timing-repeats", type=int, default=20)
+    parser.add_argument("--results", default=str(RESULTS / "snip_lenet.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    parts = args.part or [*PARTS, "timing"]
+
+    results_path = Path(args.results)
+    data = json.loads(results_path.read_text()) if results_path.exists() else {}
+    data.setdefault("configs", {})
+    data["schema"] = "prunelab.bench.snip_lenet/1"
+    data["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "threads": args.threads, "cpu": platform.processor() or platform.machine()}
+
+    def save():
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(results_path, data)
+        atomic_write(results_path.with_suffix(".md"), markdown(data))
+
+    for part in parts:
+        if part == "timing":
+            data["timing"] = timing(args)
+            print(f"timing: SNIP scoring {data['timing']['snip_scoring_s_median'] * 1000:.1f} ms, "
+                  f"5 steps {data['timing']['five_steps_s_median'] * 1000:.1f} ms", flush=True)
+            save()
+            continue
+        for model, options, sparsity in PARTS[part]:
+            configs = [config_for(model, options, sparsity, seed, args) for seed in args.seeds]
+            results = []
+            for config in configs:
+                started = time.perf_counter()
+                result = run_one(config)
+                results.append(result)
+                print(f"{Path(config.out).name}: test error {100 * result['error']['test']:.2f}% "
+                      f"sparsity {result['sparsity']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+            row = summarise(model, options, sparsity, results, configs)
+            key = Path(configs[0].out).name.rsplit("_s", 1)[0]
+            data["configs"][key] = row
+            print(f"== {key}: {row['mean_pct']:.2f} ± {row['std_pct']:.2f} % (paper {row['paper_error_pct']})",
+                  flush=True)
+            save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""GraSP: gradient signal preservation, pruning at initialisation (methods.md section 6).
+
+Wang, Zhang & Grosse, "Picking Winning Tickets Before Training by Preserving Gradient Flow", ICLR 2020.
+
+GraSP keeps the weights whose removal would hurt the gradient flow most. With g = dL/dθ and H the
+Hessian of L, removing a set of weights (a perturbation δ = -θ on them) changes the squared gradient
+norm to first order by
+
+    Δ||g||² ≈ 2 δᵀ H g,   so for weight j alone:   Δ_j ≈ -2 θ_j (H g)_j.
+
+The paper scores S(-θ) = -θ ⊙ (H g) (= Δ/2) and removes the weights with the *largest* S: removing them
+raises the gradient norm most (or lowers it least). The official code (alecwangcq/GraSP,
+``pruner/GraSP.py``) computes ``-θ ⊙ Hg`` and keeps the entries at or below the threshold of the top
+``ratio`` fraction.
+
+**Sign convention here.** prunelab's criteria return "higher = keep", so this criterion returns the
+keep score ``θ ⊙ (H g) = -S``: the top-k of it is exactly the complement of removing the largest S. It
+equals ``½ d||g(c ⊙ θ)||² / dc_j`` at c = 1 (the gate derivative of half the squared gradient norm),
+which the tests check by finite differences. Note it is signed, not a magnitude: a weight whose removal
+would *raise* the gradient norm has a negative keep score and goes first.
+
+Details (methods.md section 6 and the official code):
+
+* L is the cross-entropy of logits divided by a temperature, ``temperature`` = 200.
+* The scoring batch is class-balanced: ``samples_per_class`` = 10 examples of every class, drawn with a
+  seed from ``generator`` (with an ``(inputs, targets)`` pair of tensors, the pair is used as given).
+* H g is a Hessian-vector product by double backward: z = g_detachedᵀ ∇L, Hg = ∇z. The official code
+  splits the batch in halves for memory; here one pass over the whole batch (same H g up to the
+  averaging of the halves' losses, exact when BN is in eval mode).
+* ``bn_mode`` = "train": the official code scores the model as built, which is in train mode (batch
+  statistics; our reading of the code, not stated in the paper); "eval" uses the running statistics.
+  The running statistics are restored either way. Dropout is off while scoring.
+* ``iterations`` (1): number of balanced batches (the official ``num_iters``); g and H g are summed
+  over them, with g the gradient summed over all batches before the Hessian products.
+
+H g differentiates through cuDNN RNNs only with cuDNN off, so on a GPU the scoring runs with cuDNN
+disabled for recurrent models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import PrunelabError
+from ..methods import Method, register
+from .snip import _as_pair, check_bn_mode, check_positive_int, loss_gradients, scoring_mode
+
+
+def balanced_batches(data, generator: torch.Generator, samples_per_class: int,
+                     iterations: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``iterations`` disjoint batches of ``samples_per_class`` examples of each class (seeded)."""
+    samples_per_class = check_positive_int("grasp", "samples_per_class", samples_per_class)
+    iterations = check_positive_int("grasp", "iterations", iterations)
+    pair = _as_pair(data)
+    if pair is not None:
+        if iterations > pair[0].shape[0]:
+            raise PrunelabError(f"grasp: cannot split {pair[0].shape[0]} examples into {iterations} batches")
+        return list(zip(torch.tensor_split(pair[0], iterations), torch.tensor_split(pair[1], iterations)))
+    if not (torch.is_tensor(getattr(data, "inputs", None)) and torch.is_tensor(getattr(data, "targets", None))):
+        raise PrunelabError("grasp: data must be a dataset with .inputs and .targets (ArrayDataset) or a "
+                            f"pair of (inputs, targets) tensors, got {type(data).__name__}")
+    targets = data.targets
+    order = torch.randperm(len(targets), generator=generator)
+    shuffled = targets[order]
+    per_class = []
+    for label in torch.unique(targets).tolist():
+        rows = order[shuffled == label]
+        if len(rows) < samples_per_class * iterations:
+            raise PrunelabError(f"grasp: class {label} has {len(rows)} examples, fewer than "
+                                f"samples_per_class x iterations = {samples_per_class * iterations}")
+        per_class.append(rows)
+    drawn = []
+    for it in range(iterations):
+        idx = torch.cat([rows[it * samples_per_class:(it + 1) * samples_per_class] for rows in per_class])
+        drawn.append((data.inputs[idx], data.targets[idx]))
+    return drawn
+
+
+def grasp_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, generator: torch.Generator,
+                 samples_per_class: int = 10, iterations: int = 1, temperature: float = 200.0,
+                 bn_mode: str = "train", **_) -> dict[str, torch.Tensor]:
+    """GraSP keep score θ ⊙ (H g) = -S(-θ) (Wang et al. 2020, eq. 8 with the sign flipped): higher = keep."""
+    bn_mode = check_bn_mode("grasp", bn_mode)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise PrunelabError(f"grasp option temperature must be a positive number, got {temperature!r}")
+    drawn = balanced_batches(data, generator, samples_per_class, iterations)
+    weights = list(params.values())
+    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    no_cudnn = torch.backends.cudnn.flags(enabled=False) if recurrent else contextlib.nullcontext()
+    with scoring_mode(model, params, bn_mode), no_cudnn:
+        # g: the gradient over all scoring batches (the official code's first pass)
+        g = [torch.zeros_like(w) for w in weights]
+        for inputs, targets in drawn:
+            for total, grad in zip(g, loss_gradients(model, params, inputs, targets, temperature=temperature)):
+                total += grad
+        # H g: for each batch, differentiate z = gᵀ ∇L_batch once more
+        hg = [torch.zeros_like(w) for w in weights]
+        for inputs, targets in drawn:
+            grads = loss_gradients(model, params, inputs, targets, temperature=temperature, create_graph=True)
+            z = sum((fixed * grad).sum() for fixed, grad in zip(g, grads))
+            products = torch.autograd.grad(z, weights, allow_unused=True, materialize_grads=True)
+            for total, product in zip(hg, products):
+                total += product.detach()
+    return {name: (w.detach() * product).to(torch.float64).cpu()
+            for (name, w), product in zip(params.items(), hg)}
+
+
+register(Method(
+    "grasp", "gradient signal preservation θ⊙Hg at initialisation (keeps what gradient flow needs)",
+    grasp_scores, scope="global", when="init", needs_data=True,
+    options={"samples_per_class": 10, "iterations": 1, "temperature": 200.0, "bn_mode": "train"},
+    paper="Wang, Zhang & Grosse, ICLR 2020"))
