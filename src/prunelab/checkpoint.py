@@ -82,7 +82,7 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def restore_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Load a state dict and its masks written by :func:`model_tensors` into ``model``."""
-    state = {k: v for k, v in tensors.items() if not k.startswith((MASK_PREFIX, OPTIM_PREFIX))}
+    state = {k: v for k, v in tensors.items() if "::" not in k}  # namespaced extras are not weights
     saved_masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     try:
         model.load_state_dict(state)

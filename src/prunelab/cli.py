@@ -47,6 +47,12 @@ def _build_parser() -> argparse.ArgumentParser:
         else:
             metavar = "N,N,..." if kind is list else kind.__name__.upper()
             run.add_argument(flag, dest=name, metavar=metavar, default=argparse.SUPPRESS, help=HELP[name])
+    from .methods import list_methods
+    for method in list_methods():
+        for option in method.flags:
+            run.add_argument(f"--{option}", dest=option, metavar="VALUE", default=argparse.SUPPRESS,
+                             help=f"{method.name}: method option {option} "
+                                  f"(default {method.options.get(option)})")
     run.add_argument("--quiet", action="store_true", help="print only the result table")
 
     listing = commands.add_parser("list", help="list models, datasets or methods")
@@ -55,7 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .lab.config import defaults, make_config, option_value, read_toml
+    from .lab.config import defaults, fold_method_flags, make_config, option_value, read_toml
+    from .methods import method_flags
     from .lab.run import format_result, run
 
     values = defaults()
@@ -71,7 +78,9 @@ def _run(args: argparse.Namespace) -> int:
                     raise PrunelabError(f"--{name.replace('_', '-').removesuffix('s')} takes KEY=VALUE, got {entry!r}")
                 table[key.strip()] = option_value(text.strip())
             values[name] = table
-    values.update(given)
+    flags = method_flags()  # --lambda 1e-4 and the like: folded into method_options
+    values.update({k: option_value(v) if k in flags else v for k, v in given.items()})
+    values = fold_method_flags(values)
     if not values.get("model"):
         from .models import list_models
         raise PrunelabError("no model given: pass --model or a config file; models: "

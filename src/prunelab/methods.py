@@ -23,16 +23,24 @@ class Method:
     rounds inside one pruning step, per-neuron rules) gives ``pruner(model, params, *, sparsity, scope,
     alive, data, generator, **options) -> {name: bool mask}`` instead; it may still give a criterion
     for ``prunelab.scores``.
+
+    A method that prunes while it trains (``when="during"``) gives ``schedule(model, options)``, an
+    object with ``attach(optimizer)`` (training-step hooks), ``after_epoch(epoch, val, test, device) ->
+    record | None`` (a pruning phase's record), ``done() -> bool`` (stop rule) and ``state()`` /
+    ``load(state, tensors)`` (resume). ``flags`` names options that are also top-level config keys and
+    CLI flags (``--lambda``).
     """
 
     name: str
     description: str
     criterion: Callable[..., dict[str, torch.Tensor]] | None  # None with no pruner: prunes nothing
     scope: str = "global"          # default selection scope
-    when: str = "trained"          # default schedule: "init" (before training) or "trained"
+    when: str = "trained"          # default schedule: "init", "trained" or "during" (prunes while training)
     needs_data: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword options and their defaults
     pruner: Callable[..., dict[str, torch.Tensor]] | None = None
+    schedule: Callable[..., Any] | None = None
+    flags: tuple[str, ...] = ()
     paper: str = ""
 
 
@@ -52,6 +60,11 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise unknown("method", name, METHODS)
     return METHODS[name]
+
+
+def method_flags() -> dict[str, str]:
+    """``{option: method}`` for every option a method exposes as a top-level key / flag."""
+    return {flag: m.name for m in list_methods() for flag in m.flags}
 
 
 def list_methods() -> list[Method]:

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import PrunelabError
 from ..training import TrainConfig
 
-WHEN = ("init", "trained")
+WHEN = ("init", "trained", "during")
 SCOPES = ("global", "layer")
 REWIND = ("none", "init", "early")
 
@@ -144,9 +144,26 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise PrunelabError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise PrunelabError(f"config file {path} is not valid TOML: {error}") from None
-    for key in raw:
-        coerce(key, raw[key])  # reject unknown keys and bad types before anything runs
-    return raw
+    return fold_method_flags(raw)
+
+
+def fold_method_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """Move method flags given as top-level keys (``lambda = 1e-4``) into ``method_options``, then check
+    every key and type before anything runs."""
+    from ..methods import method_flags
+
+    flags = method_flags()
+    values = dict(values)
+    options = dict(values.get("method_options") or {})
+    for key in [k for k in values if k in flags and k not in FIELDS]:
+        options[key] = values.pop(key)
+    if options:
+        values["method_options"] = options
+    for key in values:
+        if key not in FIELDS:
+            raise PrunelabError(f"invalid config key {key!r}; valid keys: {', '.join([*FIELDS, *flags])}")
+        coerce(key, values[key])
+    return values
 
 
 def to_toml(config: RunConfig) -> str:
@@ -195,7 +212,8 @@ HELP = {
     "method": "pruning method (prunelab list methods); 'none' trains the dense reference",
     "sparsity": "target fraction of prunable weights removed, in [0, 1)",
     "scope": "selection scope: global | layer (default: the method's)",
-    "when": "init (prune, then train) | trained (train, prune, fine-tune); default: the method's",
+    "when": "init (prune, then train) | trained (train, prune, fine-tune) | during (the method prunes "
+            "while training: lobster); default: the method's",
     "rounds": "iterative pruning rounds, each keeping the same fraction of the survivors",
     "rewind": "after each round: none (fine-tune) | init | early (lottery-ticket rewinding)",
     "rewind_iteration": "pre-training step rewound to when rewind = early",

@@ -50,7 +50,10 @@ def resolve(config: RunConfig) -> RunConfig:
         raise PrunelabError(f"model {info.name} expects inputs of shape {tuple(info.input_shape)}, "
                             f"dataset {data.name} gives {tuple(data.input_shape)}")
     selection.check_sparsity(config.sparsity)
-    if not prunes and config.sparsity:
+    during = method.schedule is not None
+    if during and config.sparsity:
+        raise PrunelabError(f"method {method.name!r} finds its own sparsity while training; drop --sparsity")
+    if not prunes and not during and config.sparsity:
         raise PrunelabError("method 'none' trains the dense model; give --method to prune "
                             f"(sparsity {config.sparsity} requested)")
     if prunes and not config.sparsity:
@@ -60,6 +63,8 @@ def resolve(config: RunConfig) -> RunConfig:
     for key, value, allowed in (("when", when, WHEN), ("scope", scope, SCOPES), ("rewind", config.rewind, REWIND)):
         if value not in allowed:
             raise PrunelabError(f"invalid {key} {value!r}; choose from: {', '.join(allowed)}")
+    if (when == "during") != during and method.name != "none":
+        raise PrunelabError(f"method {method.name!r} prunes {method.when}, not {when}")
     if config.rounds < 1:
         raise PrunelabError(f"rounds must be >= 1, got {config.rounds}")
     if when == "init" and (config.rounds > 1 or config.rewind != "none"):
@@ -77,6 +82,8 @@ def plan(config: RunConfig) -> list[Stage]:
     """The stages of a resolved config."""
     if config.method == "none":
         return [Stage("train", "train")]
+    if config.when == "during":
+        return [Stage("train", config.method)]  # the method's schedule prunes inside this stage
     if config.when == "init":
         reinit = [Stage("rewind", "reinit")] if config.reinit else []
         return [Stage("prune", "prune", config.sparsity), *reinit, Stage("train", "train")]
@@ -126,9 +133,9 @@ class Run:
                                 "choose another --out or delete that folder")
         return state
 
-    def _save(self, state: dict, optimizer=None) -> None:
+    def _save(self, state: dict, optimizer=None, extra: dict | None = None) -> None:
         name = f"ckpt-{state['stage']:03d}-{state['epoch']:04d}.safetensors"
-        tensors = checkpoint.model_tensors(self.model)
+        tensors = {**checkpoint.model_tensors(self.model), **(extra or {})}
         rest = {}
         if optimizer is not None:
             optim_tensors, rest = checkpoint.optimizer_tensors(optimizer)
@@ -190,6 +197,7 @@ class Run:
             checkpoint.restore_optimizer(trainer.optimizer, *optimizer_state)
         if stage.name == "pretrain" and cfg.rewind == "early":
             trainer.step_hooks.append(self._snapshot_at(cfg.rewind_iteration))
+        schedule = self._during_schedule(trainer, state, optimizer_state)
         for epoch in range(state["epoch"], trainer.epochs):
             stats = trainer.run_epoch(epoch)
             stats["stage_name"] = stage.name
@@ -198,10 +206,37 @@ class Run:
             state["seconds"]["train"] += stats["seconds"]
             state["history"].append(stats)
             state["epoch"] = epoch + 1
-            self._save(state, trainer.optimizer)
             val = "" if stats["val_error"] is None else f"  val error {stats['val_error']:.2%}"
             self.log(f"{stage.name:>12} epoch {epoch + 1:>3}/{trainer.epochs}  loss {stats['train_loss']:.4f}"
                      f"  train error {stats['train_error']:.2%}{val}  lr {stats['lr']:.3g}  {stats['seconds']:.1f}s")
+            extra = None
+            if schedule is not None:
+                started = time.perf_counter()
+                record = schedule.after_epoch(epoch + 1, self.val, self.test, cfg.device)
+                state["seconds"]["prune"] += time.perf_counter() - started
+                if record is not None:
+                    state["prune_events"].append({"stage": stage.name, **record})
+                    self.log(f"{stage.name:>12} pruning phase at epoch {epoch + 1}: threshold "
+                             f"{record['threshold']:.4g}, val loss {record['val_loss_before']:.4f} -> "
+                             f"{record['val_loss_after']:.4f}, compression {record['compression_ratio']:.2f}x, "
+                             f"test error {record['test_error']:.2%}")
+                state["during"], extra = schedule.state()
+            self._save(state, trainer.optimizer, extra)
+            if schedule is not None and schedule.done():
+                self.log(f"{stage.name:>12} stopped: no further compression for "
+                         f"{schedule.options['stop_after']} pruning phases")
+                break
+
+    def _during_schedule(self, trainer: Trainer, state: dict, optimizer_state):
+        """The schedule of a method that prunes while training, hooked to this stage's optimizer."""
+        method = pruning.get_method(self.config.method)
+        if method.schedule is None:
+            return None
+        schedule = method.schedule(self.model, dict(self.config.method_options))
+        if state.get("during") is not None:
+            schedule.load(state["during"], optimizer_state[0] if optimizer_state else {})
+        schedule.attach(trainer.optimizer)
+        return schedule
 
     def _snapshot_at(self, step: int):
         def hook(current: int) -> None:
