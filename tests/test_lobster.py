@@ -153,3 +153,17 @@ def test_cli_flags_and_refusals(tmp_path, data_root, capsys):
     assert cli.main(["run", str(config), "--twt", "0.1", "--quiet"]) == 0
     saved = json.loads((tmp_path / "r" / "result.json").read_text())
     assert saved["config"]["method_options"] == {"lambda": 0.001, "pwe": 1, "twt": 0.1}
+
+
+def test_plot_trajectory_writes_png(tmp_path):
+    from prunelab.lab.plots import plot_trajectory
+    run = tmp_path / "run"
+    run.mkdir()
+    phases = [{"compression_ratio": c, "test_error": e} for c, e in ((2.0, 0.015), (8.0, 0.017), (40.0, 0.02))]
+    (run / "state.json").write_text(json.dumps({"prune_events": phases}))
+    out = plot_trajectory([run], tmp_path / "t.png", [{"label": "paper", "compression_ratio": 50.0,
+                                                       "test_error": 0.0165}])
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") == 720  # 6 in x 120 dpi
+    with pytest.raises(prunelab.PrunelabError, match="not a run folder"):
+        plot_trajectory([tmp_path / "nothing"], tmp_path / "x.png")

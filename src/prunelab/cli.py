@@ -28,7 +28,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="prunelab", description="Neural-network pruning lab.")
     parser.add_argument("--version", action="version", version=f"prunelab {__version__}")
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{run,list}")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{run,list,plot,figure}")
 
     run = commands.add_parser(
         "run", help="train / prune / evaluate one configuration",
@@ -57,6 +57,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list models, datasets or methods")
     listing.add_argument("what", choices=LISTABLE)
+
+    plot = commands.add_parser("plot", help="plot test error against compression ratio of runs (PNG)",
+                               description="Plot the pruning trajectory (every pruning phase) of one or "
+                                           "more run folders, finished or still running.")
+    plot.add_argument("runs", nargs="+", help="run folders")
+    plot.add_argument("--out", default="trajectory.png", help="PNG file to write (default: trajectory.png)")
+
+    from . import figures
+    figures.add_arguments(commands.add_parser("figure", help="paper figures (snip: SNIP's per-pixel "
+                                                             "retained connections, PNG)"))
     return parser
 
 
@@ -119,6 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "list":
             return _list(args.what)
+        if args.command == "plot":
+            from .lab.plots import plot_trajectory
+            print(f"wrote {plot_trajectory(args.runs, args.out)}")
+            return 0
+        if args.command == "figure":
+            from . import figures
+            return figures.run_cli(args)
         _build_parser().print_help()
         return EXIT_USAGE
     except PrunelabError as error:

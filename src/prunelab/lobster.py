@@ -203,9 +203,9 @@ class LobsterSchedule:
     def attach(self, optimizer: torch.optim.Optimizer):
         return Regulariser(self.params, float(self.options["lambda"])).attach(optimizer)
 
-    def after_epoch(self, epoch: int, val, test, device="cpu") -> dict | None:
-        """Plateau bookkeeping after an epoch; runs a pruning phase and returns its record on a plateau."""
-        val_loss = evaluate(self.model, val, device=device)["loss"]
+    def after_epoch(self, epoch: int, val_loss: float, val, test, device="cpu") -> dict | None:
+        """Plateau bookkeeping after an epoch whose validation loss was ``val_loss``; on a plateau, runs a
+        pruning phase and returns its record."""
         improved, plateau = self.plateau.update(val_loss)
         if improved:
             self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

@@ -25,7 +25,7 @@ class Method:
     for ``prunelab.scores``.
 
     A method that prunes while it trains (``when="during"``) gives ``schedule(model, options)``, an
-    object with ``attach(optimizer)`` (training-step hooks), ``after_epoch(epoch, val, test, device) ->
+    object with ``attach(optimizer)`` (training-step hooks), ``after_epoch(epoch, val_loss, val, test, device) ->
     record | None`` (a pruning phase's record), ``done() -> bool`` (stop rule) and ``state()`` /
     ``load(state, tensors)`` (resume). ``flags`` names options that are also top-level config keys and
     CLI flags (``--lambda``).

@@ -63,6 +63,8 @@ def resolve(config: RunConfig) -> RunConfig:
     for key, value, allowed in (("when", when, WHEN), ("scope", scope, SCOPES), ("rewind", config.rewind, REWIND)):
         if value not in allowed:
             raise PrunelabError(f"invalid {key} {value!r}; choose from: {', '.join(allowed)}")
+    if during and config.val_fraction <= 0:
+        raise PrunelabError(f"method {method.name!r} decides on validation data: val_fraction must be > 0")
     if (when == "during") != during and method.name != "none":
         raise PrunelabError(f"method {method.name!r} prunes {method.when}, not {when}")
     if config.rounds < 1:
@@ -212,7 +214,7 @@ class Run:
             extra = None
             if schedule is not None:
                 started = time.perf_counter()
-                record = schedule.after_epoch(epoch + 1, self.val, self.test, cfg.device)
+                record = schedule.after_epoch(epoch + 1, stats["val_loss"], self.val, self.test, cfg.device)
                 state["seconds"]["prune"] += time.perf_counter() - started
                 if record is not None:
                     state["prune_events"].append({"stage": stage.name, **record})
