@@ -169,9 +169,10 @@ class Run:
         if state is None:
             state = self._fresh_state()
             checkpoint.save_model(self.out / "rewind.safetensors", self.model)  # theta_0
-            self.log(f"prunelab {__version__}: {cfg.model} on {cfg.dataset}, method {cfg.method}"
-                     + (f" to sparsity {cfg.sparsity} ({cfg.scope}, {cfg.when})" if cfg.method != "none" else "")
-                     + f", seed {cfg.seed} -> {self.out}")
+            target = {"none": "", "during": " (prunes while training)"}.get(
+                "none" if cfg.method == "none" else cfg.when, f" to sparsity {cfg.sparsity} ({cfg.scope}, {cfg.when})")
+            self.log(f"prunelab {__version__}: {cfg.model} on {cfg.dataset}, method {cfg.method}{target}, "
+                     f"seed {cfg.seed} -> {self.out}")
         else:
             tensors, meta = checkpoint.load_tensors(self.out / state["checkpoint"])
             checkpoint.restore_model(self.model, tensors)
