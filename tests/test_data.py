@@ -251,7 +251,7 @@ def test_unknown_dataset_lists_names():
 
 def test_dataset_info_and_list():
     names = [d.name for d in list_datasets()]
-    assert names == ["mnist", "fashion-mnist", "cifar10", "cifar100"]
+    assert names == ["mnist", "fashion-mnist", "cifar10", "cifar100", "mnist32"]
     info = dataset_info("CIFAR100")
     assert info.input_shape == (3, 32, 32) and info.num_classes == 100
     assert info.mean == (0.5071, 0.4865, 0.4409) and info.std == (0.2673, 0.2564, 0.2762)
@@ -581,3 +581,17 @@ def test_normalize_scales_then_standardises():
     out = normalize(x, (0.5, 0.0), (0.5, 2.0))
     assert out.dtype == torch.float32
     assert out.flatten().tolist() == pytest.approx([-1.0, 0.5])
+
+
+def test_mnist32_is_mnist_resized_for_pfp_lenet5():
+    import os
+    root = os.environ.get("PRUNELAB_DATA")
+    if not root or not os.path.isdir(os.path.join(root, "mnist")):
+        pytest.skip("PRUNELAB_DATA does not hold MNIST")
+    from prunelab.data import load_dataset
+    train, val, test = load_dataset("mnist32", root=root)
+    assert train.inputs.shape[1:] == (1, 32, 32) and len(test) == 10000 and len(val) == 6000
+    assert train.augment is not None and test.augment is None
+    from prunelab.lab.run import resolve
+    from prunelab.lab.config import RunConfig
+    assert resolve(RunConfig(model="pfp-lenet5", method="pfec", sparsity=0.5)).dataset == "mnist32"

@@ -54,7 +54,9 @@ def test_registry_lists_every_model_sorted():
     assert [i.name for i in infos] == ALL_NAMES
     for info in infos:
         assert isinstance(info, ModelInfo)
-        assert info.default_dataset in ("mnist", "cifar10")
+        assert info.default_dataset in ("mnist", "mnist32", "cifar10")
+        from prunelab.data import dataset_info
+        assert dataset_info(info.default_dataset).input_shape == info.input_shape  # runnable as is
         assert len(info.input_shape) == 3
         assert all(isinstance(v, str) and "default" in v for v in info.options.values())
 

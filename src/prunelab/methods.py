@@ -40,6 +40,7 @@ class Method:
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword options and their defaults
     pruner: Callable[..., dict[str, torch.Tensor]] | None = None
     schedule: Callable[..., Any] | None = None
+    structured: bool = False       # masks whole channels: the lab also builds the physically smaller model
     flags: tuple[str, ...] = ()
     paper: str = ""
 

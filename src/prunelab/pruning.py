@@ -95,7 +95,9 @@ def prune(model: nn.Module, method: str, sparsity: float, data=None, *, scope: s
         raise PrunelabError(f"method {method!r} prunes nothing; choose a pruning method: "
                             f"{', '.join(n for n, m in METHODS.items() if m.criterion or m.pruner)}")
     masking.attach(model, new_masks, optimizer)
-    report = _report(spec.name, scope, sparsity, new_masks, time.perf_counter() - start)
+    # structured methods also mask biases / BatchNorm entries: the report counts the prunable weights
+    report = _report(spec.name, scope, sparsity, {n: m for n, m in new_masks.items() if n in params},
+                     time.perf_counter() - start)
     if report.collapsed:
         warnings.warn(f"layer collapse: {method} pruned every weight of {', '.join(report.collapsed)}",
                       LayerCollapseWarning, stacklevel=2)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import PrunelabError, unknown
 from . import cifar, idx
@@ -57,6 +58,8 @@ class _Spec:
     also_accept: dict[str, frozenset[str]] = field(default_factory=dict)
     per_class: tuple[int, int] | None = None  # exact (train, test) images per class, if balanced
     augment: Augment | None = None
+    resize: int | None = None  # images are resized (bilinear) to resize x resize after decoding
+    raw_shape: tuple[int, int, int] | None = None  # the files' image shape when it differs from info
 
 
 _IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -161,6 +164,19 @@ _SPECS = {
     ),
 }
 
+# PFP's LeNet-5 reads MNIST resized to 32x32 with pad-4 random crops (methods.md 2.5).
+_SPECS["mnist32"] = replace(
+    _SPECS["mnist"],
+    info=DatasetInfo("mnist32", (1, 32, 32), 10, (0.1307,), (0.3081,), 60000, 10000,
+                     "MNIST resized to 32x32 (bilinear), the input of PFP's LeNet-5"),
+    augment=PadCropFlip(padding=4, flip_p=0.0), resize=32, raw_shape=(1, 28, 28))
+
+
+def _resized(images: torch.Tensor, side: int) -> torch.Tensor:
+    out = F.interpolate(images.float(), size=(side, side), mode="bilinear", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 
 def _spec(name) -> _Spec:
     key = name.strip().lower() if isinstance(name, str) else None
@@ -219,6 +235,8 @@ def load_dataset(
     folder = (Path(root).expanduser() if root is not None else default_root()) / spec.folder
     stamp = _ensure_files(spec, folder, download, base_url)
     tx, ty, sx, sy = _decoded(spec.info.name, str(folder.resolve()), stamp)
+    if spec.resize:
+        tx, sx = _resized(tx, spec.resize), _resized(sx, spec.resize)
 
     train_idx, val_idx = split_indices(len(tx), val_fraction, seed)
     mean, std = spec.info.mean, spec.info.std
@@ -302,11 +320,9 @@ def _decoded(name: str, folder: str, stamp: tuple) -> tuple[torch.Tensor, ...]:
 def _check_content(spec: _Spec, folder: str, tx, ty, sx, sy) -> None:
     info = spec.info
     for split, x, y, size in (("train", tx, ty, info.train_size), ("test", sx, sy, info.test_size)):
-        if x.shape != (size, *info.input_shape):
-            raise PrunelabError(
-                f"{info.name} {split} data in {folder} has shape {x.shape}, "
-                f"expected {(size, *info.input_shape)}"
-            )
+        expected = (size, *(spec.raw_shape or info.input_shape))
+        if x.shape != expected:
+            raise PrunelabError(f"{info.name} {split} data in {folder} has shape {x.shape}, expected {expected}")
         if spec.per_class is not None:
             want = spec.per_class[0 if split == "train" else 1]
             counts = np.bincount(y, minlength=info.num_classes)

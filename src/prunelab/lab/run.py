@@ -276,6 +276,22 @@ class Run:
         masking.attach(self.model, current)
         self.log(f"{stage.name:>12} weights {what}, masks kept")
 
+    def _compact(self, model, example) -> dict:
+        """Channel masks made physical: the smaller model, its equivalence check, PR, FR and latency."""
+        from .. import structure
+
+        cfg = self.config
+        small, report = structure.compact(model, self.test.inputs[:64].to(cfg.device),
+                                          name=cfg.model, options=dict(cfg.model_options))
+        costs = structure.structured_metrics(model, small, example, latency=cfg.latency)
+        structure.save_compact(self.out / "compact.safetensors", small, report.plan)
+        summary = {"pr": costs["pr"], "pr_nonzero": costs["pr_nonzero"], "fr": costs["fr"],
+                   "params_compact": costs["params"]["small"], "compact_max_abs_diff": report.max_abs_diff,
+                   "kept_constant_channels": len(report.kept_constant)}
+        if cfg.latency:
+            summary["latency_ms"] = costs["latency_ms"]
+        return summary
+
     def _finish(self, state: dict) -> dict:
         cfg = self.config
         model = self.model
@@ -306,6 +322,8 @@ class Run:
         if cfg.latency:
             result["latency_ms"] = {"batch": 1, "threads": 1,
                                     "dense_kernels": metrics.latency_ms(model, example, threads=1)}
+        if pruning.get_method(cfg.method).structured:
+            result["structured"] = self._compact(model, example)
         checkpoint.save_model(self.out / "model.safetensors", model, {"model": cfg.model, "config": asdict(cfg)})
         checkpoint.write_json(self.out / "result.json", result)
         for line in format_result(result).splitlines():
@@ -330,6 +348,15 @@ def format_result(result: dict) -> str:
     err = result["error"]
     val = "n/a" if err["val"] is None else f"{err['val']:.2%}"
     lines.append(f"test error {err['test']:.2%} (top-5 {err['test_top5']:.2%}), validation error {val}")
+    if result.get("structured"):
+        st = result["structured"]
+        lines.append(f"physically smaller model: {st['params_compact']:,} parameters (PR {st['pr']:.2%}, "
+                     f"FLOP reduction {st['fr']:.2%}), outputs equal to the masked model within "
+                     f"{st['compact_max_abs_diff']:.1e}")
+        if st.get("latency_ms"):
+            lat = st["latency_ms"]
+            lines.append(f"latency dense {lat['dense']:.3f} ms -> compact {lat['small']:.3f} ms "
+                         f"({lat['speedup']:.2f}x)")
     timing = f"time: pruning {result['time_s']['prune']:.2f} s, training {result['time_s']['train']:.1f} s"
     if result.get("latency_ms"):
         timing += f"; latency {result['latency_ms']['dense_kernels']:.3f} ms (batch 1, 1 thread, dense kernels)"

@@ -96,5 +96,5 @@ register("lenet300-100", "LeNet-300-100: MLP 784-300-100-10 with ReLU", "mnist",
 register("lenet5-caffe", "LeNet-5-Caffe: 2 conv (20, 50 @5x5) + fc 500 + fc 10", "mnist", (1, 28, 28),
          _lenet5_caffe,
          {"relu": "ReLU after each conv: False = Caffe/SNIP, True = NNrelief/LOBSTER (default False)"})
-register("pfp-lenet5", "PFP's LeNet-5 (PyTorch-tutorial net, fc1 as a 6x6 conv) on 32x32 MNIST", "mnist",
+register("pfp-lenet5", "PFP's LeNet-5 (PyTorch-tutorial net, fc1 as a 6x6 conv) on 32x32 MNIST", "mnist32",
          (1, 32, 32), PFPLeNet5)

@@ -17,7 +17,7 @@ from ..errors import PrunelabError, unknown
 from .init import initialize, resolve_scheme, uses_std
 
 # Number of classes of each default dataset; a model may be built for another count.
-_DATASET_CLASSES = {"mnist": 10, "cifar10": 10}
+_DATASET_CLASSES = {"mnist": 10, "mnist32": 10, "cifar10": 10}
 
 
 @dataclass(frozen=True)

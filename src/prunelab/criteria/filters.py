@@ -1,0 +1,163 @@
+"""Norm-based filter pruning with a uniform per-layer ratio: PFEC (L1) and SoftNet-style (L2).
+
+* ``pfec``: Li, Kadav, Durdanovic, Samet & Graf, "Pruning Filters for Efficient ConvNets", ICLR 2017
+  (arXiv 1608.08710), section 3.1: the importance of filter F_{i,j} of conv layer i is the sum of the
+  absolute values of its kernel weights, s_j = sum |K| (the L1 norm of the filter); in each layer the m
+  filters with the smallest s_j are removed together with their feature maps and the matching kernel
+  channels of the next layer. For a Linear layer the unit is a neuron and s_j is the L1 norm of its
+  weight row. This is "FT" in PFP's tables (torchprune: L1 filter norm, one uniform ratio per layer).
+* ``softnet``: the same with the L2 norm of the filter, as in He, Kang, Dong, Fu & Yang, "Soft Filter
+  Pruning for Accelerating Deep Convolutional Neural Networks", IJCAI 2018 (PFP's "SoftNet" baseline:
+  L2 filter norm, uniform per-layer ratio). The *soft* schedule of that paper (pruned filters are zeroed
+  but keep training and may come back) is not reproduced: prunelab's masks prune for good, which is how
+  PFP's comparison ran it (prune, then retrain).
+
+**What ``sparsity`` means here**: the fraction of channels (filters / neurons) removed in *every*
+prunable layer: a layer with n channels loses round(sparsity * n) of them (at least one channel is
+kept). The fraction of weights removed is larger, because a removed channel also takes the matching
+input slice of the next layer. Channels already removed (an iterative schedule) count toward the
+target and never come back.
+
+**Which layers**: the channel groups that are *safe* (`prunelab.structure.ChannelGroup.safe`): exactly
+one Conv2d/Linear writes the channels (plus its BatchNorm) and only Conv2d/Linear layers read them.
+The output layer is never pruned, and in a ResNet only the first conv of each residual block is (its
+channels do not reach a residual add), which is what PFEC does for ResNets. Coupled channels (the
+residual stream) are left alone.
+
+**Masks** (methods.md section 0): for a removed channel, the filter (weight row), its bias entry, the
+BatchNorm weight and bias of that channel (so the channel outputs exactly 0 in eval and train mode),
+and the input slices of the layers reading it. ``mask_bias=False`` masks only the weights.
+
+Finding the coupling traces the model once, which needs an example input: the first example of
+``data`` when given (the lab always passes the training set), else the ``input_shape`` option, else a
+``model.input_shape`` attribute.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .. import structure
+from ..errors import PrunelabError
+from ..methods import Method, register
+from ..selection import check_sparsity
+
+
+def example_input(model: nn.Module, data=None, input_shape=None, method: str = "method") -> torch.Tensor:
+    """One example to trace ``model`` with: from ``data``, else ``input_shape``, else ``model.input_shape``."""
+    device = next(model.parameters()).device
+    if data is not None:
+        if isinstance(data, (tuple, list)) and data and torch.is_tensor(data[0]):
+            return data[0][:1].to(device)
+        inputs = getattr(data, "inputs", None)
+        if torch.is_tensor(inputs) and len(inputs):
+            return inputs[:1].to(device)
+        if torch.is_tensor(data):
+            return data[:1].to(device)
+    shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
+    if shape is None:
+        raise PrunelabError(f"{method} needs an example input to find coupled channels: pass data=... "
+                            "or the input_shape option, e.g. input_shape=(1, 28, 28)")
+    try:
+        shape = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise PrunelabError(f"{method}: input_shape must be a sequence of integers, got {shape!r}") from None
+    return torch.zeros(1, *shape, device=device)
+
+
+def filter_norms(model: nn.Module, graph: structure.ChannelGraph, p: int = 1,
+                 params: Mapping[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """``{group index: per-channel norm}`` of every safe group: the Lp norm of each channel's weight row.
+
+    Only groups whose producing weight is in ``params`` (default: all). The current weights are used,
+    so masked entries count as zero.
+    """
+    norms = {}
+    for g, group in enumerate(graph.groups):
+        if not group.safe:
+            continue
+        layer = group.layers[0]
+        name = structure._join(layer.module, "weight")
+        if params is not None and name not in params:
+            continue
+        weight = model.get_submodule(layer.module).weight.detach().to("cpu", torch.float64)
+        rows = torch.stack([weight[list(ix)].flatten() for ix in layer.index])
+        norms[g] = rows.abs().sum(1) if p == 1 else rows.pow(2).sum(1).sqrt()
+    return norms
+
+
+def _dead_channels(model: nn.Module, group: structure.ChannelGroup, alive) -> torch.Tensor:
+    """Channels whose weight rows are already fully masked (an earlier pruning step removed them)."""
+    layer = group.layers[0]
+    name = structure._join(layer.module, "weight")
+    mask = alive.get(name) if alive else None
+    if mask is None:
+        return torch.zeros(group.size, dtype=torch.bool)
+    mask = mask.to("cpu", torch.bool)
+    return torch.tensor([not bool(mask[list(ix)].any()) for ix in layer.index])
+
+
+def filter_pruning_masks(model: nn.Module, sparsity: float, *, p: int = 1, example: torch.Tensor,
+                         alive: Mapping[str, torch.Tensor] | None = None, mask_bias: bool = True,
+                         params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Masks removing round(sparsity * n) lowest-Lp-norm channels of every safe layer (see module doc).
+
+    Ties keep the lower channel index. Channels already dead stay dead and count toward the target.
+    """
+    sparsity = check_sparsity(sparsity)
+    graph = structure.channel_graph(model, example)
+    norms = filter_norms(model, graph, p, params)
+    removed = {}
+    for g, norm in norms.items():
+        group = graph.groups[g]
+        n = group.size
+        target = min(int(round(sparsity * n)), n - 1)
+        dead = _dead_channels(model, group, alive)
+        score = norm.masked_fill(dead, float("-inf"))
+        order = torch.sort(score, descending=True, stable=True).indices  # keep the first among equals
+        keep = max(n - max(target, int(dead.sum())), 0)
+        keep = min(keep, int((~dead).sum()))
+        kept = set(order[:keep].tolist())
+        removed[g] = [c for c in range(n) if c not in kept]
+    return structure.channel_masks(model, graph, removed, alive=alive, mask_bias=mask_bias)
+
+
+def _pruner(p: int, method: str):
+    def pruner(model, params, *, sparsity, scope, alive, data, generator, mask_bias=True, input_shape=None, **_):
+        if scope != "layer":
+            raise PrunelabError(f"{method} removes the same fraction of channels in every layer: scope must "
+                                f"be 'layer', got {scope!r}")
+        example = example_input(model, data, input_shape, method)
+        return filter_pruning_masks(model, sparsity, p=p, example=example, alive=alive, mask_bias=mask_bias,
+                                    params=params)
+    return pruner
+
+
+def _criterion(p: int, method: str):
+    def criterion(model, params, *, data, generator, mask_bias=True, input_shape=None, **_):
+        """Each weight of a safe layer scored by the norm of its filter/neuron (inspection only)."""
+        example = example_input(model, data, input_shape, method)
+        graph = structure.channel_graph(model, example)
+        scores = {}
+        for g, norm in filter_norms(model, graph, p, params).items():
+            layer = graph.groups[g].layers[0]
+            name = structure._join(layer.module, "weight")
+            score = torch.zeros(params[name].shape, dtype=torch.float64)
+            for c, ix in enumerate(layer.index):
+                score[list(ix)] = norm[c]
+            scores[name] = score
+        return {n: scores[n] for n in params if n in scores}  # parameter order
+    return criterion
+
+
+_OPTIONS = {"mask_bias": True, "input_shape": None}
+
+register(Method("pfec", "L1-norm filter pruning, uniform fraction of channels per layer (Li et al.; PFP's FT)",
+                _criterion(1, "pfec"), scope="layer", options=dict(_OPTIONS), pruner=_pruner(1, "pfec"), structured=True,
+                paper="Li et al., ICLR 2017"))
+register(Method("softnet", "L2-norm filter pruning, uniform fraction of channels per layer (He et al. 2018)",
+                _criterion(2, "softnet"), scope="layer", options=dict(_OPTIONS), pruner=_pruner(2, "softnet"), structured=True,
+                paper="He et al., IJCAI 2018"))
