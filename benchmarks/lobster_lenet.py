@@ -54,18 +54,18 @@ def overhead(steps: int = 300, blocks: int = 6) -> dict:
     return rows
 
 
-def reproduce(model: str, epochs: int, seed: int) -> dict:
+def reproduce(model: str, epochs: int, seed: int, tolerance: float, tag: str) -> dict:
     options = {"relu": True} if model == "lenet5-caffe" else {}
     config = RunConfig(model=model, model_options=options, method="lobster", epochs=epochs, batch_size=100,
                        optimizer="sgd", lr=0.1, momentum=0.0, val_fraction=5000 / 60000, seed=seed,
-                       method_options={"lambda": 1e-4, "pwe": 20, "twt": 0.05},
-                       out=f"runs/lobster/{model}-s{seed}")
+                       method_options={"lambda": 1e-4, "pwe": 20, "twt": 0.05, "plateau_tolerance": tolerance},
+                       out=f"runs/lobster/{model}-s{seed}{tag}")
     started = time.perf_counter()
     result = run(config)
     phases = result["prune_events"]
     best_at = lambda limit: max((p for p in phases if p["test_error"] <= limit),
                                 key=lambda p: p["compression_ratio"], default=None)
-    return {"model": model, "seed": seed, "epoch_budget": epochs, "epochs_run": len(result["history"]),
+    return {"model": model, "seed": seed, "epoch_budget": epochs, "plateau_tolerance": tolerance, "epochs_run": len(result["history"]),
             "final": {"compression_ratio": result["compression_ratio"], "test_error": result["error"]["test"]},
             "best_within": {f"{limit:.4f}": best_at(limit) for limit in (0.0165, 0.018, 0.0195, 0.0079, 0.01)},
             "paper": PAPER[model], "trajectory": phases, "wall_s_this_session": time.perf_counter() - started}
@@ -77,6 +77,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plateau-tolerance", type=float, default=0.01,
+                        help="an epoch is good if val loss < best x (1 + this); methods.md reads +0.01, "
+                             "-0.01 is the ReduceLROnPlateau-style reading (improve by 1%%)")
+    parser.add_argument("--tag", default="", help="suffix of the run folder and results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part == "overhead":
@@ -84,7 +88,8 @@ def main() -> None:
                                                                 "rows": overhead()})
     else:
         model = "lenet300-100" if args.part == "lenet300" else "lenet5-caffe"
-        write_json(f"benchmarks/results/lobster_{model}.json", reproduce(model, args.epochs, args.seed))
+        result = reproduce(model, args.epochs, args.seed, args.plateau_tolerance, args.tag)
+        write_json(f"benchmarks/results/lobster_{model}{args.tag}.json", result)
 
 
 if __name__ == "__main__":
