@@ -31,6 +31,7 @@ def plot_trajectory(run_dirs: list[str | Path], out: str | Path, references: lis
     (``{"label", "compression_ratio", "test_error"}``, e.g. a paper's)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure = Figure(figsize=(6, 4), dpi=120)
     FigureCanvasAgg(figure)
@@ -43,6 +44,9 @@ def plot_trajectory(run_dirs: list[str | Path], out: str | Path, references: lis
         axes.scatter([ref["compression_ratio"]], [100 * ref["test_error"]], marker="*", s=120, zorder=3,
                      label=ref.get("label", "reference"))
     axes.set_xscale("log")
+    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("compression ratio (all parameters / non-zero)")
     axes.set_ylabel("test error (%)")
     axes.grid(True, which="both", alpha=0.3)
