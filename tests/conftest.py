@@ -18,4 +18,6 @@ def data_root() -> Path:
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    # two threads on the 2-core CI machine; OMP_NUM_THREADS=1 when other jobs share it (oversubscribed
+    # OpenMP threads spin and slow everything 10x)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
