@@ -148,10 +148,12 @@ def find_threshold(model: nn.Module, params: dict[str, nn.Parameter], loss_at: C
 
 @dataclass
 class Plateau:
-    """PWE plateau detector on the validation loss (authors' ``plateau_scheduler``).
-
-    An epoch is good when its loss is below best x (1 + tolerance); the best loss and its weights update
+    """PWE plateau detector on the validation loss, as the authors' ``plateau_scheduler.Scheduler``
+    (checked against EIDOSLAB/LOBSTER): an epoch is good when its loss is below best x (1 + tolerance),
+    tolerance 0.01, and a good epoch resets the bad-epoch counter; the best loss and its weights update
     only on a strict improvement. After ``patience`` epochs that are not good, :meth:`update` returns True.
+    A negative tolerance (``plateau_tolerance=-0.01``: improve by 1% or count as bad) is our variant; it
+    prunes far more often (README, LOBSTER reproduction).
     """
 
     patience: int
