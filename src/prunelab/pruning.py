@@ -109,7 +109,7 @@ def _report(method, scope, target, new_masks, seconds) -> PruneReport:
     for name, mask in new_masks.items():
         kept = int(mask.sum())
         layers.append({"name": name, "shape": list(mask.shape), "params": mask.numel(), "kept": kept})
-        if kept == 0:
+        if kept == 0 and not name.endswith("bias"):  # an emptied bias still lets signal through
             collapsed.append(name)
         kept_total += kept
         total += mask.numel()

@@ -9,29 +9,34 @@ norm to first order by
     Δ||g||² ≈ 2 δᵀ H g,   so for weight j alone:   Δ_j ≈ -2 θ_j (H g)_j.
 
 The paper scores S(-θ) = -θ ⊙ (H g) (= Δ/2) and removes the weights with the *largest* S: removing them
-raises the gradient norm most (or lowers it least). The official code (alecwangcq/GraSP,
-``pruner/GraSP.py``) computes ``-θ ⊙ Hg`` and keeps the entries at or below the threshold of the top
-``ratio`` fraction.
+raises the gradient norm most (or lowers it least). The official code (alecwangcq/GraSP
+``pruner/GraSP.py``, commit f166054, read for this implementation) computes ``-θ ⊙ Hg``, takes the top
+``ratio`` fraction as the threshold and keeps the entries at or below it.
 
 **Sign convention here.** prunelab's criteria return "higher = keep", so this criterion returns the
 keep score ``θ ⊙ (H g) = -S``: the top-k of it is exactly the complement of removing the largest S. It
 equals ``½ d||g(c ⊙ θ)||² / dc_j`` at c = 1 (the gate derivative of half the squared gradient norm),
 which the tests check by finite differences. Note it is signed, not a magnitude: a weight whose removal
-would *raise* the gradient norm has a negative keep score and goes first.
+would *raise* the gradient norm has a negative keep score and goes first, before a zero weight.
 
-Details (methods.md section 6 and the official code):
+Details, as in the official code (``pruner/GraSP.py``, ``main_prune_non_imagenet.py``, configs):
 
 * L is the cross-entropy of logits divided by a temperature, ``temperature`` = 200.
-* The scoring batch is class-balanced: ``samples_per_class`` = 10 examples of every class, drawn with a
-  seed from ``generator`` (with an ``(inputs, targets)`` pair of tensors, the pair is used as given).
-* H g is a Hessian-vector product by double backward: z = g_detachedᵀ ∇L, Hg = ∇z. The official code
-  splits the batch in halves for memory; here one pass over the whole batch (same H g up to the
-  averaging of the halves' losses, exact when BN is in eval mode).
-* ``bn_mode`` = "train": the official code scores the model as built, which is in train mode (batch
-  statistics; our reading of the code, not stated in the paper); "eval" uses the running statistics.
-  The running statistics are restored either way. Dropout is off while scoring.
-* ``iterations`` (1): number of balanced batches (the official ``num_iters``); g and H g are summed
-  over them, with g the gradient summed over all batches before the Hessian products.
+* The scoring batch is class-balanced and ordered by class: ``samples_per_class`` = 10 examples of every
+  class (the CIFAR configs' value), drawn with a seed from ``generator``. With an ``(inputs, targets)``
+  pair of tensors the pair is used as given.
+* Each batch is processed in two halves (the first and second half of the class-ordered batch, as the
+  official code does): g = Σ_halves ∇L_half, then H g = Σ_halves ∇(gᵀ∇L_half) by double backward
+  (a Hessian-vector product; g held fixed). With BatchNorm in train mode each half has its own batch
+  statistics, as there. A batch of one example is not split.
+* ``bn_mode`` = "train": the official code scores the network as built, which is in train mode (batch
+  statistics); "eval" uses the running statistics. The running statistics are restored either way.
+  Dropout is off while scoring.
+* ``iterations`` (1): number of balanced batches (the official ``num_iters``); g is summed over all of
+  them before the Hessian products.
+* Not reproduced: the official ``GraSP(..., reinit=True)`` re-draws the *Linear* layers' weights of its
+  scoring copy with Xavier-normal before scoring (so the fc masks are scored on other weights than the
+  ones trained); here every layer is scored on the model's own weights.
 
 H g differentiates through cuDNN RNNs only with cuDNN off, so on a GPU the scoring runs with cuDNN
 disabled for recurrent models.
@@ -80,10 +85,18 @@ def balanced_batches(data, generator: torch.Generator, samples_per_class: int,
     return drawn
 
 
+def _halves(inputs: torch.Tensor, targets: torch.Tensor):
+    """The first and second half of a batch (the official code's split); a single example stays whole."""
+    n = inputs.shape[0]
+    if n < 2:
+        return [(inputs, targets)]
+    return [(inputs[:n // 2], targets[:n // 2]), (inputs[n // 2:], targets[n // 2:])]
+
+
 def grasp_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, generator: torch.Generator,
                  samples_per_class: int = 10, iterations: int = 1, temperature: float = 200.0,
                  bn_mode: str = "train", **_) -> dict[str, torch.Tensor]:
-    """GraSP keep score θ ⊙ (H g) = -S(-θ) (Wang et al. 2020, eq. 8 with the sign flipped): higher = keep."""
+    """GraSP keep score θ ⊙ (H g) = -S(-θ) (Wang et al. 2020, the paper's score negated): higher = keep."""
     bn_mode = check_bn_mode("grasp", bn_mode)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise PrunelabError(f"grasp option temperature must be a positive number, got {temperature!r}")
@@ -91,21 +104,22 @@ def grasp_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, 
     weights = list(params.values())
     recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
     no_cudnn = torch.backends.cudnn.flags(enabled=False) if recurrent else contextlib.nullcontext()
+    halves = [half for inputs, targets in drawn for half in _halves(inputs, targets)]
     with scoring_mode(model, params, bn_mode), no_cudnn:
-        # g: the gradient over all scoring batches (the official code's first pass)
+        # g: the gradient summed over all half-batches (the official code's first pass)
         g = [torch.zeros_like(w) for w in weights]
-        for inputs, targets in drawn:
+        for inputs, targets in halves:
             for total, grad in zip(g, loss_gradients(model, params, inputs, targets, temperature=temperature)):
                 total += grad
-        # H g: for each batch, differentiate z = gᵀ ∇L_batch once more
+        # H g: for each half-batch, differentiate z = gᵀ ∇L_half once more
         hg = [torch.zeros_like(w) for w in weights]
-        for inputs, targets in drawn:
+        for inputs, targets in halves:
             grads = loss_gradients(model, params, inputs, targets, temperature=temperature, create_graph=True)
             z = sum((fixed * grad).sum() for fixed, grad in zip(g, grads))
             products = torch.autograd.grad(z, weights, allow_unused=True, materialize_grads=True)
             for total, product in zip(hg, products):
                 total += product.detach()
-    return {name: (w.detach() * product).to(torch.float64).cpu()
+    return {name: (w.detach() * product).cpu().to(torch.float64)
             for (name, w), product in zip(params.items(), hg)}
 
 

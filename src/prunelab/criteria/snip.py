@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import masking
 from ..errors import PrunelabError
 from ..methods import Method, register
 
@@ -124,12 +125,12 @@ def scoring_batches(data, generator: torch.Generator, *, batch_size: int | None,
     size = batch_size or default_batch_size(data)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     drawn = []
-    for batch in data.batches(size, shuffle=True, seed=seed, augment=False):
+    for batch in data.batches(size, shuffle=True, seed=seed, drop_last=True, augment=False):
         drawn.append(batch)
         if len(drawn) == batches:
             return drawn
-    raise PrunelabError(f"{method}: the data holds {len(data)} examples, too few for {batches} batch(es) "
-                        f"of {size}")
+    raise PrunelabError(f"{method}: the data holds {len(data)} examples, too few for {batches} full batch(es) "
+                        f"of {size} (set batch_size or batches)")
 
 
 @contextlib.contextmanager
@@ -145,7 +146,8 @@ def scoring_mode(model: nn.Module, params: Mapping[str, nn.Parameter], bn_mode: 
     """
     modes = {module: module.training for module in model.modules()}
     requires = {name: p.requires_grad for name, p in params.items()}
-    saved = [(b, b.detach().clone()) for b in model.buffers()] if restore_buffers else []
+    saved = [(b, b.detach().clone()) for name, b in model.named_buffers()  # masks are never written here
+             if not name.endswith(masking.MASK_SUFFIX)] if restore_buffers else []
     try:
         model.eval()
         for module in model.modules():
@@ -199,13 +201,13 @@ def connection_sensitivity(model: nn.Module, params: Mapping[str, nn.Parameter],
     """
     bn_mode = check_bn_mode("snip", bn_mode)
     drawn = scoring_batches(data, generator, batch_size=batch_size, batches=batches, method="snip")
-    total = {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for name, p in params.items()}
+    total = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in params.items()}
     with scoring_mode(model, params, bn_mode):
         for inputs, targets in drawn:
             grads = loss_gradients(model, params, inputs, targets)
             for (name, p), grad in zip(params.items(), grads):
-                total[name] += (p.detach() * grad).to(torch.float64)
-    return {name: g.cpu() for name, g in total.items()}
+                total[name] += (p.detach() * grad).cpu().to(torch.float64)  # float64 on the CPU (not on MPS)
+    return total
 
 
 def snip_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, generator: torch.Generator,

@@ -15,10 +15,14 @@ the total flow through every layer is conserved).
 Implemented as a ``pruner`` (it returns masks; ``prunelab.scores(model, "synflow")`` gives one round's
 S on the current masks). Details:
 
-* Everything is computed on a float64 deep copy (methods.md: run it in float64): the model's weights,
-  buffers and masks are never touched, and no randomness is used (the result is deterministic).
-* Like the official code (``Pruners/pruners.py::SynFlow``), the absolute value is taken of every
-  floating parameter *and* buffer (BatchNorm running statistics), and the model is in eval mode.
+* Everything is computed on a float64 deep copy (methods.md: run it in float64; on the CPU for a model
+  on Apple's MPS, which has no float64): the model's weights, buffers and masks are never touched, and
+  no randomness is used (the result is deterministic).
+* Like the official code (ganguli-lab/Synaptic-Flow ``Pruners/pruners.py::SynFlow``, ``prune.py``,
+  read for this implementation), the absolute value is taken of every floating parameter *and* buffer
+  (BatchNorm running statistics), the model is in eval mode, S = |θ ⊙ dR/dθ| and the schedule keeps
+  density^(k/n) at round k. The official code runs in float32 (its ``model.double()`` is commented out);
+  float64 here, as methods.md recommends, keeps R finite on deep networks.
 * Masks already on the model (``alive``) stay: those weights are zero in the copy and never selected.
   Each round selects with `prunelab.selection` (global by default, ``scope="layer"`` allowed), so the
   last round, at exactly the target sparsity, keeps exactly round((1 - s) m) weights.
@@ -69,7 +73,8 @@ def _linearised_copy(model: nn.Module, alive: Mapping[str, torch.Tensor]) -> nn.
     """A float64 copy, without masks, whose masked weights are 0 and every other value is |value|."""
     clone = copy.deepcopy(model)
     masking.remove(clone)
-    clone.to(torch.float64)
+    reference = next(clone.parameters())
+    clone.to("cpu" if reference.device.type == "mps" else reference.device, torch.float64)  # MPS has no float64
     params = dict(clone.named_parameters())
     with torch.no_grad():
         for name, mask in alive.items():
