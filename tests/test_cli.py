@@ -54,6 +54,8 @@ BAD = [
     (["--model", "lenet300-100", "--model-option", "relu=true"], ["unknown option 'relu' for model 'lenet300-100'"]),
     (["--model", "lenet300-100", "--bogus-flag", "1"], ["unrecognized arguments: --bogus-flag"]),
     (["--method", "magnitude"], ["no model given", "lenet300-100"]),
+    (["--model", "lenet300-100", "--method", "snip", "--sparsity", "0.9", "--method-option", "bn=eval"],
+     ["unknown option(s) bn for method 'snip'", "bn_mode"]),
 ]
 
 

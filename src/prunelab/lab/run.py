@@ -58,6 +58,10 @@ def resolve(config: RunConfig) -> RunConfig:
                             f"(sparsity {config.sparsity} requested)")
     if prunes and not config.sparsity:
         raise PrunelabError(f"method {method.name!r} needs a target: --sparsity in (0, 1)")
+    unknown_options = sorted(set(config.method_options) - set(method.options))
+    if unknown_options:
+        raise PrunelabError(f"unknown option(s) {', '.join(unknown_options)} for method {method.name!r}; "
+                            f"allowed: {', '.join(sorted(method.options)) or 'none'}")
     when = config.when or method.when
     scope = config.scope or method.scope
     for key, value, allowed in (("when", when, WHEN), ("scope", scope, SCOPES), ("rewind", config.rewind, REWIND)):
