@@ -21,3 +21,15 @@ def _threads():
     # two threads on the 2-core CI machine; OMP_NUM_THREADS=1 when other jobs share it (oversubscribed
     # OpenMP threads spin and slow everything 10x)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+def deep_narrow_mlp(seed=0):
+    """A deep MLP with a 16-wide bottleneck: the layer-collapse test case of SNIP/SynFlow tests."""
+    from torch import nn
+    from prunelab.models import initialize
+    torch.manual_seed(seed)
+    widths = [64, 256, 16, 16, 16, 16, 256, 10]
+    layers = [nn.Flatten()]
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return initialize(nn.Sequential(*layers[:-1]), "vs", generator=torch.Generator().manual_seed(seed))

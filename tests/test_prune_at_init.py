@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunelab
+from conftest import deep_narrow_mlp
 from prunelab import masking, selection
 from prunelab.criteria.grasp import balanced_batches
 from prunelab.criteria.synflow import _round_masks
-from prunelab.models import initialize
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +220,6 @@ def test_synflow_hundred_rounds_on_lenet300_is_fast():
     assert time.perf_counter() - started < 30  # about 0.5 s on an idle 2-core machine; generous
     assert count(model) == selection.keep_count(266200, 0.99)
 
-
-def deep_narrow_mlp(seed=0):
-    torch.manual_seed(seed)
-    widths = [64, 256, 16, 16, 16, 16, 256, 10]
-    layers = [nn.Flatten()]
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return initialize(nn.Sequential(*layers[:-1]), "vs", generator=torch.Generator().manual_seed(seed))
 
 
 def flows(model):

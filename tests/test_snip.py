@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunelab
+from conftest import deep_narrow_mlp
 from prunelab import masking
 from prunelab.selection import keep_count
 from prunelab.criteria.snip import connection_sensitivity, default_batch_size, snip_scores
 from prunelab.data.arrays import ArrayDataset
 from prunelab.lab.config import RunConfig
 from prunelab.lab.run import run as lab_run
-from prunelab.models import initialize
 
 
 @pytest.fixture(scope="module")
@@ -265,15 +265,6 @@ def test_include_bias_prunes_zero_initialised_biases_first(mnist):
     scores = prunelab.scores(default, "snip", mnist, include_bias=True)
     assert float(scores["fc3.bias"].min()) > 0 and float((scores["fc1.bias"] > 0).float().mean()) > 0.5
 
-
-def deep_narrow_mlp(seed=0):
-    torch.manual_seed(seed)
-    widths = [64, 256, 16, 16, 16, 16, 256, 10]
-    layers = [nn.Flatten()]
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
-    return initialize(model, "vs", generator=torch.Generator().manual_seed(seed))
 
 
 def test_layer_collapse_is_reported_for_snip_at_extreme_sparsity():

@@ -127,37 +127,36 @@ def apply(model: nn.Module) -> None:
             _apply_one(module, local)
 
 
+def _masked_params(optimizer: torch.optim.Optimizer):
+    """(parameter, owning module, local name) for every masked parameter the optimizer updates."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            owner = getattr(param, "_prunelab_mask", None)
+            if owner is not None:
+                yield param, *owner
+
+
 @torch.no_grad()
 def mask_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Zero masked weights and the optimizer's per-parameter state (momentum, Adam moments) there."""
     cleaned = optimizer.__dict__.setdefault("_prunelab_cleaned", {})
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            owner = getattr(param, "_prunelab_mask", None)
-            if owner is None:
-                continue
-            module, local = owner
-            mask = getattr(module, local + MASK_SUFFIX)
-            for value in optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.shape == mask.shape:
-                    value.mul_(mask)
-            _apply_one(module, local)
-            cleaned[id(param)] = param._prunelab_generation
+    for param, module, local in _masked_params(optimizer):
+        mask = getattr(module, local + MASK_SUFFIX)
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == mask.shape:
+                value.mul_(mask)
+        _apply_one(module, local)
+        cleaned[id(param)] = param._prunelab_generation
 
 
 def _after_step(optimizer: torch.optim.Optimizer, _args, _kwargs) -> None:
     """Global step hook: clean the state of a mask this optimizer has not seen, then trust the zeros."""
     cleaned = optimizer.__dict__.get("_prunelab_cleaned", {})
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            owner = getattr(param, "_prunelab_mask", None)
-            if owner is None:
-                continue
-            if cleaned.get(id(param)) != param._prunelab_generation:
-                mask_optimizer_state(optimizer)
-                return
-            module, local = owner
-            module._prunelab_versions[local] = param._version  # the step kept the zeros: no re-apply
+    for param, module, local in _masked_params(optimizer):
+        if cleaned.get(id(param)) != param._prunelab_generation:
+            mask_optimizer_state(optimizer)
+            return
+        module._prunelab_versions[local] = param._version  # the step kept the zeros: no re-apply
 
 
 register_optimizer_step_post_hook(_after_step)
