@@ -235,8 +235,17 @@ class LobsterSchedule:
         self.phases.append(record)
         return record
 
+    def describe(self, record: dict) -> str:
+        """One log line for a pruning phase's record."""
+        return (f"threshold {record['threshold']:.4g}, val loss {record['val_loss_before']:.4f} -> "
+                f"{record['val_loss_after']:.4f}, compression {record['compression_ratio']:.2f}x, "
+                f"test error {record['test_error']:.2%}")
+
     def done(self) -> bool:
         return self.phases_without_gain >= int(self.options["stop_after"])
+
+    def stop_reason(self) -> str:
+        return f"no further compression for {self.options['stop_after']} pruning phases"
 
     # -- resume ----------------------------------------------------------------------------------------
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:

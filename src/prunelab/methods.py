@@ -24,10 +24,12 @@ class Method:
     alive, data, generator, **options) -> {name: bool mask}`` instead; it may still give a criterion
     for ``prunelab.scores``.
 
-    A method that prunes while it trains (``when="during"``) gives ``schedule(model, options)``, an
+    A method that prunes while it trains (``when="during"``) gives ``schedule(model, options, *, sparsity,
+    data, seed)``, an
     object with ``attach(optimizer)`` (training-step hooks), ``after_epoch(epoch, val_loss, val, test, device) ->
-    record | None`` (a pruning phase's record), ``done() -> bool`` (stop rule) and ``state()`` /
-    ``load(state, tensors)`` (resume). ``flags`` names options that are also top-level config keys and
+    record | None`` (a pruning phase's record, a JSON-able dict), ``describe(record) -> str`` (its log
+    line), ``done() -> bool`` and ``stop_reason() -> str`` (stop rule) and ``state() -> (json, tensors)``
+    / ``load(state, tensors)`` (resume). ``flags`` names options that are also top-level config keys and
     CLI flags (``--lambda``).
     """
 
@@ -42,6 +44,9 @@ class Method:
     schedule: Callable[..., Any] | None = None
     structured: bool = False       # masks whole channels: the lab also builds the physically smaller model
     flags: tuple[str, ...] = ()
+    own_sparsity: bool = False
+    retrain: bool = True
+    when_from: Callable[[dict[str, Any]], str | None] | None = None
     paper: str = ""
 
 

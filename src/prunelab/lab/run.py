@@ -50,27 +50,32 @@ def resolve(config: RunConfig) -> RunConfig:
         raise PrunelabError(f"model {info.name} expects inputs of shape {tuple(info.input_shape)}, "
                             f"dataset {data.name} gives {tuple(data.input_shape)}")
     selection.check_sparsity(config.sparsity)
-    during = method.schedule is not None
-    if during and config.sparsity:
-        raise PrunelabError(f"method {method.name!r} finds its own sparsity while training; drop --sparsity")
-    if not prunes and not during and config.sparsity:
-        raise PrunelabError("method 'none' trains the dense model; give --method to prune "
-                            f"(sparsity {config.sparsity} requested)")
-    if prunes and not config.sparsity:
-        raise PrunelabError(f"method {method.name!r} needs a target: --sparsity in (0, 1)")
     unknown_options = sorted(set(config.method_options) - set(method.options))
     if unknown_options:
         raise PrunelabError(f"unknown option(s) {', '.join(unknown_options)} for method {method.name!r}; "
                             f"allowed: {', '.join(sorted(method.options)) or 'none'}")
-    when = config.when or method.when
+    implied = method.when_from({**method.options, **config.method_options}) if method.when_from else None
+    if config.when and implied and config.when != implied:
+        raise PrunelabError(f"when = {config.when!r} contradicts the options of method {method.name!r}, "
+                            f"which prune {implied!r}")
+    when = config.when or implied or method.when
     scope = config.scope or method.scope
     for key, value, allowed in (("when", when, WHEN), ("scope", scope, SCOPES), ("rewind", config.rewind, REWIND)):
         if value not in allowed:
             raise PrunelabError(f"invalid {key} {value!r}; choose from: {', '.join(allowed)}")
-    if during and config.val_fraction <= 0:
+    if when == "during" and method.schedule is None and method.name != "none":
+        raise PrunelabError(f"method {method.name!r} does not prune while training; when = 'init' or 'trained'")
+    if when != "during" and method.schedule is not None and not prunes:
+        raise PrunelabError(f"method {method.name!r} prunes while training: when = 'during'")
+    if method.own_sparsity and config.sparsity:
+        raise PrunelabError(f"method {method.name!r} finds its own sparsity; drop --sparsity")
+    if method.name == "none" and config.sparsity:
+        raise PrunelabError("method 'none' trains the dense model; give --method to prune "
+                            f"(sparsity {config.sparsity} requested)")
+    if method.name != "none" and not method.own_sparsity and not config.sparsity:
+        raise PrunelabError(f"method {method.name!r} needs a target: --sparsity in (0, 1)")
+    if when == "during" and config.val_fraction <= 0:
         raise PrunelabError(f"method {method.name!r} decides on validation data: val_fraction must be > 0")
-    if (when == "during") != during and method.name != "none":
-        raise PrunelabError(f"method {method.name!r} prunes {method.when}, not {when}")
     if config.rounds < 1:
         raise PrunelabError(f"rounds must be >= 1, got {config.rounds}")
     if when == "init" and (config.rounds > 1 or config.rewind != "none"):
@@ -79,7 +84,11 @@ def resolve(config: RunConfig) -> RunConfig:
         raise PrunelabError("reinit applies to pruning at initialisation (when = 'init')")
     if not 0.0 <= config.val_fraction < 1.0:
         raise PrunelabError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
-    resolved = replace(config, model=info.name, dataset=data.name, when=when, scope=scope)
+    finetune_epochs = config.finetune_epochs
+    if when == "trained" and not method.retrain and finetune_epochs is None and config.rewind == "none":
+        finetune_epochs = 0  # applied to a trained model as it is: no fine-tuning unless asked for
+    resolved = replace(config, model=info.name, dataset=data.name, when=when, scope=scope,
+                       finetune_epochs=finetune_epochs)
     resolved.train_config()  # validates the optimizer and schedule settings
     return resolved
 
@@ -101,7 +110,8 @@ def plan(config: RunConfig) -> list[Stage]:
         if config.rewind != "none":
             stages += [Stage("rewind", f"rewind-{r}"), Stage("train", f"retrain-{r}")]
         else:
-            stages.append(Stage("train", f"finetune-{r}", finetune=True))
+            if config.finetune_epochs != 0:  # 0: applied without retraining (iSparse's sparsify-with)
+                stages.append(Stage("train", f"finetune-{r}", finetune=True))
     return stages
 
 
@@ -223,23 +233,20 @@ class Run:
                 state["seconds"]["prune"] += time.perf_counter() - started
                 if record is not None:
                     state["prune_events"].append({"stage": stage.name, **record})
-                    self.log(f"{stage.name:>12} pruning phase at epoch {epoch + 1}: threshold "
-                             f"{record['threshold']:.4g}, val loss {record['val_loss_before']:.4f} -> "
-                             f"{record['val_loss_after']:.4f}, compression {record['compression_ratio']:.2f}x, "
-                             f"test error {record['test_error']:.2%}")
+                    self.log(f"{stage.name:>12} pruning phase at epoch {epoch + 1}: {schedule.describe(record)}")
                 state["during"], extra = schedule.state()
             self._save(state, trainer.optimizer, extra)
             if schedule is not None and schedule.done():
-                self.log(f"{stage.name:>12} stopped: no further compression for "
-                         f"{schedule.options['stop_after']} pruning phases")
+                self.log(f"{stage.name:>12} stopped: {schedule.stop_reason()}")
                 break
 
     def _during_schedule(self, trainer: Trainer, state: dict, optimizer_state):
         """The schedule of a method that prunes while training, hooked to this stage's optimizer."""
         method = pruning.get_method(self.config.method)
-        if method.schedule is None:
+        if self.config.when != "during" or method.schedule is None:
             return None
-        schedule = method.schedule(self.model, dict(self.config.method_options))
+        schedule = method.schedule(self.model, dict(self.config.method_options), sparsity=self.config.sparsity,
+                                   data=self.train, seed=self.config.seed)
         if state.get("during") is not None:
             schedule.load(state["during"], optimizer_state[0] if optimizer_state else {})
         schedule.attach(trainer.optimizer)
