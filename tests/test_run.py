@@ -70,8 +70,9 @@ def test_resume_refuses_a_different_config(tmp_path, data_root):
 
 
 def test_lottery_ticket_rewinds_to_init_and_keeps_masks(tmp_path, data_root):
+    # no finetune_epochs: each retraining after a rewind gets the full training budget (LTH)
     cfg = config(tmp_path, data_root, "lth", iterations=30, epochs=None, rounds=2, rewind="init",
-                 sparsity=0.75, val_fraction=0.05)
+                 sparsity=0.75, val_fraction=0.05, finetune_epochs=None)
     stages = [s.name for s in lab_run.plan(lab_run.resolve(cfg))]
     assert stages == ["pretrain", "prune-1", "rewind-1", "retrain-1", "prune-2", "rewind-2", "retrain-2"]
     result = lab_run.run(cfg, echo=None)

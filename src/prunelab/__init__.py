@@ -15,10 +15,11 @@ from .errors import PrunelabError
 from .masking import make_permanent, masks
 from .models import build_model, list_models
 from .pruning import LayerCollapseWarning, PruneReport, list_methods, prune, scores
+from .structure import compact, load_compact, save_compact
 from .training import TrainConfig, Trainer, evaluate
 
 __all__ = [
     "LayerCollapseWarning", "PruneReport", "PrunelabError", "TrainConfig", "Trainer", "build_model",
-    "evaluate", "list_datasets", "list_methods", "list_models", "load_dataset", "load_model",
-    "make_permanent", "masks", "prune", "save_model", "scores",
+    "compact", "evaluate", "list_datasets", "list_methods", "list_models", "load_compact", "load_dataset",
+    "load_model", "make_permanent", "masks", "prune", "save_compact", "save_model", "scores",
 ]

@@ -48,6 +48,22 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def alive_units(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{layer: {"alive": n, "total": m}}``: output units (neurons, filters) of each Linear / Conv2d with
+    at least one surviving incoming weight, as NNrelief counts "remaining neurons"."""
+    masks = masking.masks(model)
+    units = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            weight = module.weight.detach()
+            key = f"{name}.weight" if name else "weight"
+            if key in masks:
+                weight = weight * masks[key]
+            rows = weight.reshape(weight.shape[0], -1)
+            units[name] = {"alive": int((rows != 0).any(1).sum()), "total": rows.shape[0]}
+    return units
+
+
 def layer_table(model: nn.Module, flops: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """One row per prunable parameter: name, shape, params, non-zero (kept by its mask), sparsity."""
     masks = masking.masks(model)

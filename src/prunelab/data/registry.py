@@ -221,8 +221,12 @@ def load_dataset(
     seed: int = 0,
     download: bool = True,
     base_url: str | None = None,
+    normalize_inputs: bool = True,
 ) -> DatasetSplits:
     """Load a dataset as normalised float32 tensors split into train / val / test.
+
+    ``normalize_inputs=False`` gives pixels scaled to [0, 1] only (torchvision's ToTensor), as NNrelief
+    trains on MNIST: the background is then exactly 0, which its activity scores depend on.
 
     The validation split is drawn from the training set only (seeded); the test set is the
     published one. Missing files are downloaded (from `base_url`, else $PRUNELAB_DATA_URL laid
@@ -240,6 +244,8 @@ def load_dataset(
 
     train_idx, val_idx = split_indices(len(tx), val_fraction, seed)
     mean, std = spec.info.mean, spec.info.std
+    if not normalize_inputs:
+        mean, std = (0.0,) * len(mean), (1.0,) * len(std)
     return DatasetSplits(
         ArrayDataset(normalize(tx[train_idx], mean, std), ty[train_idx], spec.classes, spec.augment),
         ArrayDataset(normalize(tx[val_idx], mean, std), ty[val_idx], spec.classes, None),

@@ -45,6 +45,7 @@ class RunConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     data_root: str | None = None
     val_fraction: float = 0.1
+    normalize_inputs: bool = True       # standardise with the dataset's mean/std; false: pixels in [0, 1]
     # training (see TrainConfig)
     epochs: int | None = 10
     iterations: int | None = None
@@ -59,7 +60,7 @@ class RunConfig:
     step_size: int = 0
     gamma: float = 0.1
     warmup: int = 0
-    finetune_epochs: int | None = None  # after pruning a trained model; default: the training budget
+    finetune_epochs: int | None = None  # after each pruning step (after a rewind too); default: the budget
     finetune_lr: float | None = None    # default: lr
     # run
     seed: int = 0
@@ -82,9 +83,13 @@ class RunConfig:
     def digest(self) -> str:
         """Hash of the settings that change the result (not where it is written)."""
         relevant = {k: v for k, v in asdict(self).items() if k not in ("out", "threads", "latency")}
+        for key, default in LATER_KEYS.items():  # keys added later count only when changed, so that
+            if relevant.get(key) == default:      # run folders started before them still resume
+                relevant.pop(key)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 
+LATER_KEYS = {"normalize_inputs": True}
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
@@ -224,6 +229,7 @@ HELP = {
     "model_options": "model option KEY=VALUE, e.g. relu=true (repeatable)",
     "data_root": "data folder (default: $PRUNELAB_DATA, else the user cache)",
     "val_fraction": "fraction of the training set held out for validation, in [0, 1)",
+    "normalize_inputs": "standardise inputs with the dataset mean/std (false: pixels in [0, 1], as NNrelief)",
     "epochs": "training budget in epochs",
     "iterations": "training budget in steps (overrides epochs)",
     "batch_size": "training batch size",
@@ -237,7 +243,8 @@ HELP = {
     "step_size": "step schedule period, in the budget's unit",
     "gamma": "decay factor of step / multistep",
     "warmup": "linear warm-up length, in the budget's unit",
-    "finetune_epochs": "fine-tuning epochs after pruning a trained model (default: the training budget)",
+    "finetune_epochs": "training epochs after each pruning step of a trained model (fine-tuning, or "
+                       "retraining after a rewind; 0: none); default: the training budget",
     "finetune_lr": "fine-tuning learning rate (default: lr)",
     "seed": "seed of every random choice (initialisation, split, batches, random methods)",
     "out": "run folder (default: runs/<model>_<dataset>_<method>_<hash>); an existing one resumes",

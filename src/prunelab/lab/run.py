@@ -108,7 +108,9 @@ def plan(config: RunConfig) -> list[Stage]:
         target = 1.0 - (1.0 - config.sparsity) ** (r / config.rounds) if r < config.rounds else config.sparsity
         stages.append(Stage("prune", f"prune-{r}", target))
         if config.rewind != "none":
-            stages += [Stage("rewind", f"rewind-{r}"), Stage("train", f"retrain-{r}")]
+            # retrain after rewinding: the full training budget (LTH), or the fine-tuning one when given
+            stages += [Stage("rewind", f"rewind-{r}"),
+                       Stage("train", f"retrain-{r}", finetune=config.finetune_epochs is not None)]
         else:
             if config.finetune_epochs != 0:  # 0: applied without retraining (iSparse's sparsify-with)
                 stages.append(Stage("train", f"finetune-{r}", finetune=True))
@@ -175,7 +177,8 @@ class Run:
                                  init=cfg.init, seed=cfg.seed, **cfg.model_options).to(cfg.device)
         masking.require_prunable(self.model)
         self.train, self.val, self.test = load_dataset(cfg.dataset, root=cfg.data_root,
-                                                       val_fraction=cfg.val_fraction, seed=cfg.seed)
+                                                       val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                                       normalize_inputs=cfg.normalize_inputs)
         self.out.mkdir(parents=True, exist_ok=True)
         if state is None:
             checkpoint.atomic_write(self.out / "config.toml", to_toml(cfg))
@@ -239,6 +242,20 @@ class Run:
             if schedule is not None and schedule.done():
                 self.log(f"{stage.name:>12} stopped: {schedule.stop_reason()}")
                 break
+        self._stage_result(stage, state)
+
+    def _stage_result(self, stage: Stage, state: dict) -> None:
+        """Where a training stage left the model (reported, never used to choose anything)."""
+        cfg = self.config
+        test = evaluate(self.model, self.test, device=cfg.device)
+        summary = metrics.sparsity_summary(self.model)
+        record = {"stage": stage.name, "test_error": test["error"],
+                  "val_error": state["history"][-1]["val_error"] if state["history"] else None,
+                  "sparsity": summary["sparsity"], "compression_ratio": summary["compression_ratio"],
+                  "units": metrics.alive_units(self.model)}
+        state.setdefault("stage_results", []).append(record)
+        self.log(f"{stage.name:>12} done: test error {test['error']:.2%}, sparsity {summary['sparsity']:.4f}, "
+                 f"compression {summary['compression_ratio']:.2f}x")
 
     def _during_schedule(self, trainer: Trainer, state: dict, optimizer_state):
         """The schedule of a method that prunes while training, hooked to this stage's optimizer."""
@@ -324,6 +341,7 @@ class Run:
             "latency_ms": None,
             "layers": metrics.layer_table(model, per_module),
             "prune_events": state["prune_events"],
+            "stage_results": state.get("stage_results", []),
             "history": state["history"],
             "config": asdict(cfg),
             "environment": {"torch": torch.__version__, "python": platform.python_version(),

@@ -1,0 +1,460 @@
+"""NNrelief: prune each neuron's incoming connections by their share of its input activity.
+
+Dekhovich, Tax, Sluiter & Bessa, "Neural network relief: a pruning algorithm based on neural activity",
+Machine Learning 2024 (arXiv 2109.10795); spec and the authors' code (adekhovich/NNrelief) in
+methods.md section 3. Our copy of the paper holds only the abstract; the formulas below are the
+paper's equations as transcribed there, which agree with the code.
+
+**Score** (methods.md 3.1), on a pruning set of N training images drawn once per run with the seed:
+
+* Linear neuron j with inputs x_i: contribution c_ij = (1/N) sum_n |w_ij x_ni|, bias c_bj = |b_j|;
+  shares s_ij = c_ij / S_j, s_bj = c_bj / S_j with S_j = sum_i c_ij + c_bj (the bias competes).
+* Conv filter j, input channel i (the unit is the whole kernel slice K_ij):
+  c_ij = (1/N) sum_n || |K_ij| * |x_ni| ||_F over the output map, c_bj = |b_j| sqrt(h w)
+  (``conv_reduce="fro"``, the paper). The authors' code variants: ``"fro_of_mean"`` (vgg/resnet_prune:
+  the norm of the convolution with the batch mean of |x|) and ``"sum"`` (lenet_prune: the sum of the
+  map's entries, bias |b_j| h w).
+
+**Selection** (3.2): per neuron/filter, sort its shares (weights and bias together) in descending order
+and keep the p0 largest, p0 = min{p : sum_{k<=p} s_(k) >= alpha}; alpha_fc for Linear, alpha_conv for
+Conv2d. ``selection="paper"`` keeps exactly p0 (ties: lower index first); ``"code"`` is the authors'
+rule, pruning everything <= the (p0+1)-th share, so ties at the threshold go, and when alpha needs
+every entry the smallest one is still pruned. Pruned entries have share 0 and stay pruned.
+
+**Order** (3.1): all conv layers are scored on the network as it was before this round, then pruned;
+the Linear layers are scored on the inputs recomputed after the conv pruning.
+
+**Whole units** (3.1, 3.2): before scoring, a neuron or filter whose output is exactly 0 on the whole
+pruning set (ReLU-dead) is removed: its weights, bias and BatchNorm entries, and the input slices of the
+layers reading it. After selection, the backward clean-up removes every unit whose outgoing connections
+are all pruned (its incoming weights, bias, BatchNorm entries), repeated until nothing changes. Both
+act on channels with one producing layer (``structure.ChannelGroup.safe``); the output layer's units
+are never removed. Removed units are what ``prunelab.compact`` takes out physically.
+
+**Residual blocks** (3.2, resnet_prune): for conv2 of each basic block (modules with ``conv2``, ``bn2``
+and ``shortcut``), channel c is compared through r = ||mean|bn2(conv2)|_c||_F / ||mean|shortcut|_c||_F,
+and when r < (1 - alpha_conv) / alpha_conv the whole conv2 filter c (and its BatchNorm entries) is
+removed. The code's second rule, masking a shortcut channel when 1/r < (1 - alpha) / alpha, needs a
+mask on a parameter-free path and is not implemented; :func:`relief_masks` counts the channels it would
+have masked (``shortcut_candidates`` in its report).
+
+**Sparsity**: the method sets no target; alpha and the number of prune-retrain rounds decide it. The
+lab's ``rounds`` is the paper's number of iterations (``rewind = "init"`` rewinds the survivors to
+their initial values as in the paper's LeNet runs; fine-tuning is the VGG/ResNet procedure).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import structure
+from ..errors import PrunelabError
+from ..methods import Method, register
+
+DEFAULTS = {"alpha_fc": 0.95, "alpha_conv": 0.9, "examples": 1000, "conv_reduce": "fro",
+            "selection": "paper", "remove_dead": True, "cleanup": True, "batch_size": 250}
+CONV_REDUCE = ("fro", "fro_of_mean", "sum")
+SELECTION = ("paper", "code")
+
+
+# --- the selection rule ------------------------------------------------------------------------------
+
+def shares(contrib: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Each unit's contributions normalised to sum 1: rows of ``contrib`` (units x inputs), with the
+    bias contribution as a last column when given. A unit with no activity gets all-zero shares."""
+    table = contrib if bias is None else torch.cat([contrib, bias[:, None]], 1)
+    total = table.sum(1, keepdim=True)
+    return torch.where(total > 0, table / total.clamp_min(torch.finfo(table.dtype).tiny), torch.zeros_like(table))
+
+
+def keep_by_share(share: torch.Tensor, alpha: float, rule: str = "paper") -> torch.Tensor:
+    """Per row, the entries NNrelief keeps: the fewest largest shares whose sum reaches ``alpha``.
+
+    ``rule="paper"`` keeps exactly p0 entries (ties broken by the lower index); ``"code"`` prunes every
+    share <= the (p0+1)-th largest (the smallest one when all p0 = n are needed), as the authors' code.
+    Zero shares are never kept.
+    """
+    units, n = share.shape
+    if n == 0:
+        return torch.zeros_like(share, dtype=torch.bool)
+    ordered, order = torch.sort(share, dim=1, descending=True, stable=True)
+    # first prefix reaching alpha; 1e-9 absorbs rounding (0.7 + 0.2 < 0.9 in floating point)
+    p0 = ((ordered.cumsum(1) < alpha - 1e-9).sum(1) + 1).clamp(max=n)
+    if rule == "paper":
+        keep_sorted = torch.arange(n)[None, :] < p0[:, None]
+        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    else:
+        threshold = ordered.gather(1, p0.clamp(max=n - 1)[:, None])
+        keep = share > threshold
+    return keep & (share > 0)
+
+
+# --- activity on the pruning set --------------------------------------------------------------------
+
+def pruning_set(data, examples: int, generator: torch.Generator) -> torch.Tensor:
+    """N inputs drawn from ``data`` (a dataset with ``.inputs``, a pair, or a tensor) with the generator."""
+    if data is None:
+        raise PrunelabError("relief needs data: the pruning set is drawn from the training data (pass data=...)")
+    if isinstance(data, (tuple, list)) and data and torch.is_tensor(data[0]):
+        inputs = data[0]
+    else:
+        inputs = data if torch.is_tensor(data) else getattr(data, "inputs", None)
+    if not torch.is_tensor(inputs) or inputs.ndim < 2 or not len(inputs):
+        raise PrunelabError(f"relief: data must be a dataset with .inputs, an (inputs, targets) pair or an "
+                            f"input tensor, got {type(data).__name__}")
+    if len(inputs) > examples:
+        inputs = inputs[torch.randperm(len(inputs), generator=generator)[:examples]]
+    return inputs
+
+
+@dataclass
+class LayerActivity:
+    """Sums over the pruning set of one layer's inputs (for its score and for dead-unit checks)."""
+
+    count: int = 0
+    abs_sum: torch.Tensor | None = None     # Linear: per input feature; Conv2d: per (C, H, W) position
+    conv_fro: torch.Tensor | None = None    # Conv2d, "fro": sum_n || |K_ij| * |x_ni| ||_F, (out, in)
+    out_hw: int = 0                          # Conv2d output map size h * w
+
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    def channel_abs(self) -> torch.Tensor:
+        """Mean |input| per input channel (conv: over positions too), for the dead-unit check."""
+        mean = self.mean_abs()
+        return mean if mean.ndim == 1 else mean.flatten(1).sum(1)
+
+
+def _kernel_slice_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """|K_ij| * |x_i| for every (sample, input channel i, filter j): (B, in, out, h, w), by one grouped conv."""
+    weight = conv.weight.detach().abs()
+    out_c, in_c = weight.shape[:2]
+    grouped = weight.transpose(0, 1).reshape(in_c * out_c, 1, *weight.shape[2:])  # group i: |K_:,i|
+    maps = F.conv2d(x.abs(), grouped, None, conv.stride, conv.padding, conv.dilation, groups=in_c)
+    return maps.reshape(x.shape[0], in_c, out_c, *maps.shape[2:])
+
+
+def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: torch.Tensor, *,
+                     conv_fro: bool, batch_size: int) -> dict[str, LayerActivity]:
+    """One eval-mode pass over ``inputs`` recording each layer's input activity (see LayerActivity)."""
+    stats = {name: LayerActivity() for name in layers}
+    device = next(model.parameters()).device
+
+    def hook(name):
+        def record(module, args, output):
+            x = args[0].detach().to(torch.float64)
+            s = stats[name]
+            if isinstance(module, nn.Linear):
+                total = x.abs().reshape(-1, x.shape[-1]).sum(0)
+                s.count += x.reshape(-1, x.shape[-1]).shape[0]
+            else:
+                total = x.abs().sum(0)
+                s.count += x.shape[0]
+                s.out_hw = output.shape[-2] * output.shape[-1]
+                if conv_fro:
+                    with torch.no_grad():
+                        conv64 = _double(module)
+                        # chunk so the (B, in, out, h, w) maps stay around 16M numbers
+                        per = max(1, 16_000_000 // max(1, module.in_channels * module.out_channels * s.out_hw))
+                        for chunk in x.cpu().split(per):
+                            norms = _kernel_slice_conv(conv64, chunk).pow(2).sum((-2, -1)).sqrt().sum(0)
+                            s.conv_fro = norms.T if s.conv_fro is None else s.conv_fro + norms.T
+            s.abs_sum = total if s.abs_sum is None else s.abs_sum + total
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for chunk in inputs.split(batch_size):
+                model(chunk.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+    return stats
+
+
+def _double(conv: nn.Conv2d) -> nn.Conv2d:
+    """A float64 view of a conv's settings and |weights| for scoring (the module itself is untouched)."""
+    twin = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, bias=False).to(torch.float64)
+    twin.weight.data = conv.weight.detach().to("cpu", torch.float64)
+    return twin
+
+
+# --- scores ------------------------------------------------------------------------------------------
+
+def contributions(module: nn.Module, activity: LayerActivity, conv_reduce: str = "fro"):
+    """(c, c_b): mean contributions (units x inputs) and the bias contributions (or None), float64 CPU."""
+    weight = module.weight.detach().to("cpu", torch.float64).abs()
+    bias = None if module.bias is None else module.bias.detach().to("cpu", torch.float64).abs()
+    mean = activity.mean_abs().cpu()
+    if isinstance(module, nn.Linear):
+        return weight * mean[None, :], bias
+    hw = activity.out_hw
+    if conv_reduce == "fro":
+        contrib = activity.conv_fro / max(activity.count, 1)
+        return contrib, None if bias is None else bias * math.sqrt(hw)
+    maps = _kernel_slice_conv(_double(module), mean[None])[0]  # (in, out, h, w) of the mean input
+    if conv_reduce == "fro_of_mean":
+        contrib = maps.pow(2).sum((-2, -1)).sqrt().T
+        return contrib, None if bias is None else bias * math.sqrt(hw)
+    return maps.sum((-2, -1)).T, None if bias is None else bias * hw
+
+
+def relief_scores(model: nn.Module, params, *, data, generator, alpha_fc=0.95, alpha_conv=0.9, examples=1000,
+                  conv_reduce="fro", batch_size=250, **_) -> dict[str, torch.Tensor]:
+    """Each weight's share of its neuron's input activity (kernel slices share one score), for inspection.
+
+    All layers are scored on one pass of the current network (no conv-then-fc ordering, no pruning)."""
+    options = _check(alpha_fc=alpha_fc, alpha_conv=alpha_conv, examples=examples, conv_reduce=conv_reduce,
+                     batch_size=batch_size)
+    layers = _layers(model, params)
+    inputs = pruning_set(data, options["examples"], generator)
+    stats = collect_activity(model, layers, inputs, conv_fro=conv_reduce == "fro", batch_size=options["batch_size"])
+    scores = {}
+    for name, module in layers.items():
+        contrib, bias = contributions(module, stats[name], conv_reduce)
+        share = shares(contrib, bias)[:, :contrib.shape[1]]
+        scores[f"{name}.weight" if name else "weight"] = _expand(share, module)
+    return {n: scores[n] for n in params if n in scores}
+
+
+# --- masks -------------------------------------------------------------------------------------------
+
+@dataclass
+class ReliefReport:
+    """What one NNrelief step removed besides single connections."""
+
+    dead_units: dict[str, int] = field(default_factory=dict)        # layer -> units removed as dead
+    cleaned_units: dict[str, int] = field(default_factory=dict)     # layer -> units removed by the clean-up
+    block_filters: dict[str, int] = field(default_factory=dict)     # conv2 -> filters removed (block rule)
+    shortcut_candidates: dict[str, int] = field(default_factory=dict)  # shortcut channels the code would mask
+
+
+def _layers(model: nn.Module, params) -> dict[str, nn.Module]:
+    """The Linear / Conv2d modules whose weight is prunable; anything else prunable is refused."""
+    modules = dict(model.named_modules())
+    layers = {}
+    for name in params:
+        owner, _, local = name.rpartition(".")
+        module = modules[owner]
+        if local != "weight" and isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue  # biases are scored with their layer
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or local != "weight":
+            raise PrunelabError(f"relief scores Linear and Conv2d layers; {name!r} belongs to a "
+                                f"{type(module).__name__}")
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+            raise PrunelabError(f"relief: conv layer {owner!r} has groups={module.groups}, "
+                                f"padding_mode={module.padding_mode!r}; only groups=1 with zero padding is supported")
+        layers[owner] = module
+    if not layers:
+        raise PrunelabError("relief: the model has no prunable Linear or Conv2d layer")
+    return layers
+
+
+def _expand(per_slice: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A (out, in) table spread over a weight's shape (a conv kernel slice shares one value)."""
+    shape = module.weight.shape
+    return per_slice.reshape(*shape[:2], *([1] * (len(shape) - 2))).expand(shape).clone()
+
+
+def _check(**options) -> dict:
+    for key in ("alpha_fc", "alpha_conv"):
+        value = options.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
+            raise PrunelabError(f"relief: {key} must be in (0, 1], got {value!r}")
+    for key in ("examples", "batch_size"):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PrunelabError(f"relief: {key} must be a positive integer, got {value!r}")
+    for key, allowed in (("conv_reduce", CONV_REDUCE), ("selection", SELECTION)):
+        if key in options and options[key] not in allowed:
+            raise PrunelabError(f"relief: unknown {key} {options[key]!r}; choose from: {', '.join(allowed)}")
+    return options
+
+
+class _Masks:
+    """The masks being built: start from ``alive`` (pruned stays pruned), record what changes."""
+
+    def __init__(self, model: nn.Module, alive: Mapping[str, torch.Tensor] | None):
+        self.params = dict(model.named_parameters())
+        self.alive = alive or {}
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.masks:
+            base = self.alive.get(name)
+            self.masks[name] = (base.detach().to("cpu", torch.bool).clone() if base is not None
+                                else torch.ones(self.params[name].shape, dtype=torch.bool))
+        return self.masks[name]
+
+    def merge(self, update: Mapping[str, torch.Tensor]) -> None:
+        for name, mask in update.items():
+            self.masks[name] = self.get(name) & mask.to("cpu", torch.bool)
+
+    def apply(self, model: nn.Module) -> None:
+        """Zero the pruned entries now, so the next activity pass sees the pruned network."""
+        from .. import masking
+
+        masking.attach(model, dict(self.masks))
+
+
+def _unit_groups(graph: structure.ChannelGraph, layers: Mapping[str, nn.Module]):
+    """(group index, group) for every removable unit group: safe, read by someone, produced by a layer."""
+    return [(g, group) for g, group in enumerate(graph.groups)
+            if group.safe and not group.is_output and group.layers[0].module in layers]
+
+
+def _dead_units(graph, layers, stats) -> dict[int, list[int]]:
+    """Units whose output is exactly 0 on the pruning set: every reader sees zero input from them."""
+    dead = {}
+    for g, group in _unit_groups(graph, layers):
+        readers = [s for s in group.consumers if s.kind in ("conv", "linear")]
+        if not readers or any(s.module not in stats for s in readers):
+            continue
+        zero = None
+        for s in readers:
+            activity = stats[s.module].channel_abs() if s.kind == "conv" else stats[s.module].mean_abs()
+            flags = torch.tensor([bool((activity[list(ix)] == 0).all()) for ix in s.index])
+            zero = flags if zero is None else zero & flags
+        units = torch.nonzero(zero).flatten().tolist()
+        if units:
+            dead[g] = units
+    return dead
+
+
+def _orphaned_units(graph, layers, masks: _Masks) -> dict[int, list[int]]:
+    """Units still producing something whose outgoing connections are all pruned."""
+    orphans = {}
+    for g, group in _unit_groups(graph, layers):
+        producer = group.layers[0]
+        rows = masks.get(structure._join(producer.module, "weight"))
+        units = []
+        for c in range(group.size):
+            alive_in = any(bool(rows[i].any()) for i in producer.index[c])
+            if not alive_in:
+                continue
+            outgoing = [masks.get(structure._join(s.module, "weight"))[:, list(s.index[c])]
+                        for s in group.consumers if s.kind in ("conv", "linear")]
+            if outgoing and not any(bool(o.any()) for o in outgoing):
+                units.append(c)
+        if units:
+            orphans[g] = units
+    return orphans
+
+
+def _block_rule(model, layers, inputs, alpha, batch_size, masks: _Masks, report: ReliefReport) -> None:
+    """conv2 filters of residual blocks whose output is small against the shortcut's (resnet_prune)."""
+    blocks = {name: m for name, m in model.named_modules()
+              if all(hasattr(m, a) for a in ("conv2", "bn2", "shortcut")) and isinstance(m.conv2, nn.Conv2d)}
+    blocks = {n: b for n, b in blocks.items() if structure._join(n, "conv2") in layers}
+    if not blocks:
+        return
+    sums: dict[str, list] = {n: [None, None, 0] for n in blocks}
+
+    def hook(name, slot):
+        def record(module, args, output):
+            total = output.detach().to(torch.float64).abs().sum(0)
+            sums[name][slot] = total if sums[name][slot] is None else sums[name][slot] + total
+            if slot == 0:
+                sums[name][2] += output.shape[0]
+        return record
+
+    handles = [h for n, b in blocks.items()
+               for h in (b.bn2.register_forward_hook(hook(n, 0)), b.shortcut.register_forward_hook(hook(n, 1)))]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            for chunk in inputs.split(batch_size):
+                model(chunk.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+    bound = (1 - alpha) / alpha
+    for name, (body, short, count) in sums.items():
+        body_norm = (body / count).flatten(1).norm(dim=1)
+        short_norm = (short / count).flatten(1).norm(dim=1)
+        weak = torch.nonzero((body_norm < bound * short_norm) & (body_norm > 0)).flatten().tolist()
+        report.shortcut_candidates[name] = int(((short_norm < bound * body_norm) & (short_norm > 0)).sum())
+        if weak:
+            conv2, bn2 = structure._join(name, "conv2"), structure._join(name, "bn2")
+            masks.get(f"{conv2}.weight")[weak] = False
+            for local in ("weight", "bias"):
+                if f"{bn2}.{local}" in masks.params:
+                    masks.get(f"{bn2}.{local}")[weak] = False
+            report.block_filters[conv2] = len(weak)
+
+
+def relief_masks(model: nn.Module, params, *, data, generator, alive=None, alpha_fc=0.95, alpha_conv=0.9,
+                 examples=1000, conv_reduce="fro", selection="paper", remove_dead=True, cleanup=True,
+                 batch_size=250) -> tuple[dict[str, torch.Tensor], ReliefReport]:
+    """One NNrelief pruning step (see module doc): masks for every touched parameter, and a report.
+
+    The model's masks are updated as the step goes (dead units, then conv layers, then Linear layers),
+    because the Linear layers are scored on the network after this step's conv pruning.
+    """
+    _check(alpha_fc=alpha_fc, alpha_conv=alpha_conv, examples=examples, conv_reduce=conv_reduce,
+           selection=selection, batch_size=batch_size)
+    layers = _layers(model, params)
+    inputs = pruning_set(data, examples, generator)
+    graph = structure.channel_graph(model, inputs[:1].to(next(model.parameters()).device))
+    masks, report = _Masks(model, alive), ReliefReport()
+    convs = {n: m for n, m in layers.items() if isinstance(m, nn.Conv2d)}
+    linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
+
+    stats = collect_activity(model, layers, inputs, conv_fro=conv_reduce == "fro" and bool(convs),
+                             batch_size=batch_size)
+    if remove_dead:
+        dead = _dead_units(graph, layers, stats)
+        masks.merge(structure.channel_masks(model, graph, dead))
+        report.dead_units = {graph.groups[g].root: len(units) for g, units in dead.items()}
+
+    def prune_layers(group: Mapping[str, nn.Module], activity, alpha):
+        for name, module in group.items():
+            contrib, bias = contributions(module, activity[name], conv_reduce)
+            keep = keep_by_share(shares(contrib, bias), alpha, selection)
+            update = {structure._join(name, "weight"): _expand(keep[:, :contrib.shape[1]], module)}
+            if bias is not None:
+                update[structure._join(name, "bias")] = keep[:, -1]
+            masks.merge(update)
+
+    if convs:
+        prune_layers(convs, stats, alpha_conv)
+        _block_rule(model, layers, inputs, alpha_conv, batch_size, masks, report)
+        masks.apply(model)
+        stats = collect_activity(model, linears, inputs, conv_fro=False, batch_size=batch_size)
+    prune_layers(linears, stats, alpha_fc)
+    if cleanup:
+        while True:
+            orphans = _orphaned_units(graph, layers, masks)
+            if not orphans:
+                break
+            masks.merge(structure.channel_masks(model, graph, orphans))
+            for g, units in orphans.items():
+                root = graph.groups[g].root
+                report.cleaned_units[root] = report.cleaned_units.get(root, 0) + len(units)
+    order = [n for n, _ in model.named_parameters() if n in masks.masks]
+    return {n: masks.masks[n] for n in order}, report
+
+
+def _pruner(model, params, *, sparsity, scope, alive, data, generator, **options):
+    return relief_masks(model, params, data=data, generator=generator, alive=alive, **options)[0]
+
+
+register(Method(
+    "relief", "NNrelief: per-neuron cumulative share of input activity, iterative (Dekhovich et al. 2024)",
+    relief_scores, scope="layer", needs_data=True, options=dict(DEFAULTS), pruner=_pruner, structured=True,
+    flags=("alpha_fc", "alpha_conv"), own_sparsity=True,
+    paper="Dekhovich, Tax, Sluiter & Bessa, Machine Learning 2024 (arXiv 2109.10795), section 3"))
