@@ -157,3 +157,11 @@ def test_every_config_key_is_a_documented_flag(capsys):
     for name in FIELDS:
         flag = "--" + name.replace("_", "-")
         assert (flag.removesuffix("s") if name.endswith("_options") else flag) in text, name
+
+
+def test_method_flags_take_dashes_and_bad_values_stop_before_training(tmp_path, capsys):
+    out = tmp_path / "relief"
+    code, _, err = run_cli("run", "--model", "lenet300-100", "--method", "relief", "--alpha-fc", "1.5",
+                           "--out", str(out), capsys=capsys)
+    assert_usage_error(code, err, "alpha_fc must be in (0, 1]")
+    assert not out.exists()

@@ -50,7 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from .methods import list_methods
     for method in list_methods():
         for option in method.flags:
-            run.add_argument(f"--{option}", dest=option, metavar="VALUE", default=argparse.SUPPRESS,
+            run.add_argument(f"--{option.replace('_', '-')}", dest=option, metavar="VALUE", default=argparse.SUPPRESS,
                              help=f"{method.name}: method option {option} "
                                   f"(default {method.options.get(option)})")
     run.add_argument("--quiet", action="store_true", help="print only the result table")

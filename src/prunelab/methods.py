@@ -47,6 +47,7 @@ class Method:
     own_sparsity: bool = False
     retrain: bool = True
     when_from: Callable[[dict[str, Any]], str | None] | None = None
+    validate: Callable[[dict[str, Any]], Any] | None = None  # checks option values before a run starts
     paper: str = ""
 
 

@@ -54,6 +54,8 @@ def resolve(config: RunConfig) -> RunConfig:
     if unknown_options:
         raise PrunelabError(f"unknown option(s) {', '.join(unknown_options)} for method {method.name!r}; "
                             f"allowed: {', '.join(sorted(method.options)) or 'none'}")
+    if method.validate:
+        method.validate({**method.options, **config.method_options})
     implied = method.when_from({**method.options, **config.method_options}) if method.when_from else None
     if config.when and implied and config.when != implied:
         raise PrunelabError(f"when = {config.when!r} contradicts the options of method {method.name!r}, "
