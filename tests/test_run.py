@@ -111,3 +111,19 @@ def test_reinit_trains_a_fresh_draw_under_the_same_masks(tmp_path, data_root):
     assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
     assert torch.equal(b["fc1.weight"] != 0, b["mask::fc1.weight"])
     assert scored["sparsity"] == fresh["sparsity"]
+
+
+def test_keep_best_ends_each_stage_on_its_lowest_validation_error(tmp_path, data_root):
+    cfg = config(tmp_path, data_root, "best", iterations=None, epochs=3, finetune_epochs=2, keep_best=True, lr=0.3)
+    result = lab_run.run(cfg, echo=None)
+    for stage in ("pretrain", "finetune-1"):
+        errors = [h["val_error"] for h in result["history"] if h["stage_name"] == stage]
+        kept = next(k for k in result["kept_epochs"] if k["stage"] == stage)
+        assert kept["val_error"] == min(errors) and errors[kept["epoch"] - 1] == min(errors)
+    assert result["error"]["val"] == pytest.approx(min(errors), abs=1e-12)  # the final model is that epoch's
+
+
+def test_keep_best_needs_validation_data(tmp_path, data_root):
+    from prunelab.errors import PrunelabError
+    with pytest.raises(PrunelabError, match="keep_best"):
+        lab_run.resolve(config(tmp_path, data_root, keep_best=True, val_fraction=0.0))

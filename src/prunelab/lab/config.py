@@ -62,6 +62,7 @@ class RunConfig:
     warmup: int = 0
     finetune_epochs: int | None = None  # after each pruning step (after a rewind too); default: the budget
     finetune_lr: float | None = None    # default: lr
+    keep_best: bool = False             # end each training stage with its lowest-validation-error epoch
     # run
     seed: int = 0
     out: str | None = None              # default: runs/<model>_<dataset>_<method>_<hash>
@@ -89,7 +90,7 @@ class RunConfig:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 
-LATER_KEYS = {"normalize_inputs": True}
+LATER_KEYS = {"normalize_inputs": True, "keep_best": False}
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
@@ -246,6 +247,8 @@ HELP = {
     "finetune_epochs": "training epochs after each pruning step of a trained model (fine-tuning, or "
                        "retraining after a rewind; 0: none); default: the training budget",
     "finetune_lr": "fine-tuning learning rate (default: lr)",
+    "keep_best": "end each training stage with the weights of its epoch with the lowest validation error "
+                 "(the test set is never used)",
     "seed": "seed of every random choice (initialisation, split, batches, random methods)",
     "out": "run folder (default: runs/<model>_<dataset>_<method>_<hash>); an existing one resumes",
     "device": "torch device, e.g. cpu or cuda",

@@ -29,6 +29,7 @@ from ..training import Trainer, derive_seed, evaluate
 from .config import REWIND, SCOPES, WHEN, RunConfig, to_toml
 
 RESULT_SCHEMA = "prunelab.result/1"
+KEEP_PREFIX = "keep::"  # checkpoint tensors: keep_best's weights of the stage's best epoch so far
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ def resolve(config: RunConfig) -> RunConfig:
                             f"(sparsity {config.sparsity} requested)")
     if method.name != "none" and not method.own_sparsity and not config.sparsity:
         raise PrunelabError(f"method {method.name!r} needs a target: --sparsity in (0, 1)")
+    if config.keep_best and (when == "during" or config.val_fraction <= 0):
+        raise PrunelabError("keep_best chooses epochs on validation data: it needs val_fraction > 0 and a "
+                            "schedule that does not prune while training")
     if when == "during" and config.val_fraction <= 0:
         raise PrunelabError(f"method {method.name!r} decides on validation data: val_fraction must be > 0")
     if config.rounds < 1:
@@ -220,6 +224,9 @@ class Run:
         if stage.name == "pretrain" and cfg.rewind == "early":
             trainer.step_hooks.append(self._snapshot_at(cfg.rewind_iteration))
         schedule = self._during_schedule(trainer, state, optimizer_state)
+        best = None  # keep_best: the weights of this stage's epoch with the lowest validation error
+        if cfg.keep_best and state.get("stage_best") and optimizer_state:
+            best = {k[len(KEEP_PREFIX):]: v for k, v in optimizer_state[0].items() if k.startswith(KEEP_PREFIX)}
         for epoch in range(state["epoch"], trainer.epochs):
             stats = trainer.run_epoch(epoch)
             stats["stage_name"] = stage.name
@@ -240,10 +247,23 @@ class Run:
                     state["prune_events"].append({"stage": stage.name, **record})
                     self.log(f"{stage.name:>12} pruning phase at epoch {epoch + 1}: {schedule.describe(record)}")
                 state["during"], extra = schedule.state()
+            if cfg.keep_best and stats["val_error"] is not None and (
+                    best is None or stats["val_error"] < state["stage_best"]["val_error"]):
+                best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                state["stage_best"] = {"epoch": epoch + 1, "val_error": stats["val_error"]}
+            if best is not None:
+                extra = {**(extra or {}), **{KEEP_PREFIX + k: v for k, v in best.items()}}
             self._save(state, trainer.optimizer, extra)
             if schedule is not None and schedule.done():
                 self.log(f"{stage.name:>12} stopped: {schedule.stop_reason()}")
                 break
+        if best is not None:
+            chosen = state.pop("stage_best")
+            if chosen["epoch"] != state["epoch"]:
+                self.model.load_state_dict(best)
+            self.log(f"{stage.name:>12} keeps epoch {chosen['epoch']} (lowest validation error "
+                     f"{chosen['val_error']:.2%})")
+            state.setdefault("kept_epochs", []).append({"stage": stage.name, **chosen})
         self._stage_result(stage, state)
 
     def _stage_result(self, stage: Stage, state: dict) -> None:
@@ -344,6 +364,7 @@ class Run:
             "layers": metrics.layer_table(model, per_module),
             "prune_events": state["prune_events"],
             "stage_results": state.get("stage_results", []),
+            "kept_epochs": state.get("kept_epochs", []),
             "history": state["history"],
             "config": asdict(cfg),
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
