@@ -72,10 +72,11 @@ def scoring_seconds(threads: int) -> float:
 
 def rounds_of(result: dict) -> list[dict]:
     rounds = []
+    kept = {k["stage"]: k["val_error"] for k in result.get("kept_epochs", [])}
     for i, stage in enumerate(result["stage_results"]):
         event = result["prune_events"][i - 1] if i else None
         rounds.append({
-            "iteration": i, "test_error": stage["test_error"], "val_error": stage["val_error"],
+            "iteration": i, "test_error": stage["test_error"], "val_error": kept.get(stage["stage"], stage["val_error"]),
             "weights_percent": 100.0 if event is None else remaining_weights(event),
             "layer_percent": ({layer["name"]: 100.0 * layer["kept"] / layer["params"] for layer in event["layers"]}
                               if event else None),

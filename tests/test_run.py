@@ -121,6 +121,7 @@ def test_keep_best_ends_each_stage_on_its_lowest_validation_error(tmp_path, data
         kept = next(k for k in result["kept_epochs"] if k["stage"] == stage)
         assert kept["val_error"] == min(errors) and errors[kept["epoch"] - 1] == min(errors)
     assert result["error"]["val"] == pytest.approx(min(errors), abs=1e-12)  # the final model is that epoch's
+    assert result["stage_results"][-1]["val_error"] == min(errors)
 
 
 def test_keep_best_needs_validation_data(tmp_path, data_root):

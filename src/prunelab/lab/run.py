@@ -264,15 +264,16 @@ class Run:
             self.log(f"{stage.name:>12} keeps epoch {chosen['epoch']} (lowest validation error "
                      f"{chosen['val_error']:.2%})")
             state.setdefault("kept_epochs", []).append({"stage": stage.name, **chosen})
-        self._stage_result(stage, state)
+        self._stage_result(stage, state, chosen["val_error"] if best is not None else None)
 
-    def _stage_result(self, stage: Stage, state: dict) -> None:
+    def _stage_result(self, stage: Stage, state: dict, val_error: float | None = None) -> None:
         """Where a training stage left the model (reported, never used to choose anything)."""
         cfg = self.config
         test = evaluate(self.model, self.test, device=cfg.device)
         summary = metrics.sparsity_summary(self.model)
-        record = {"stage": stage.name, "test_error": test["error"],
-                  "val_error": state["history"][-1]["val_error"] if state["history"] else None,
+        if val_error is None and state["history"]:
+            val_error = state["history"][-1]["val_error"]
+        record = {"stage": stage.name, "test_error": test["error"], "val_error": val_error,
                   "sparsity": summary["sparsity"], "compression_ratio": summary["compression_ratio"],
                   "units": metrics.alive_units(self.model)}
         state.setdefault("stage_results", []).append(record)
