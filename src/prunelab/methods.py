@@ -25,7 +25,7 @@ class Method:
     for ``prunelab.scores``.
 
     A method that prunes while it trains (``when="during"``) gives ``schedule(model, options, *, sparsity,
-    data, seed)``, an
+    data, seed, scope, include_bias)``, an
     object with ``attach(optimizer)`` (training-step hooks), ``after_epoch(epoch, val_loss, val, test, device) ->
     record | None`` (a pruning phase's record, a JSON-able dict), ``describe(record) -> str`` (its log
     line), ``done() -> bool`` and ``stop_reason() -> str`` (stop rule) and ``state() -> (json, tensors)``

@@ -65,7 +65,7 @@ def example_input(model: nn.Module, data=None, input_shape=None, method: str = "
         shape = tuple(int(d) for d in shape)
     except (TypeError, ValueError):
         raise PrunelabError(f"{method}: input_shape must be a sequence of integers, got {shape!r}") from None
-    return torch.zeros(1, *shape, device=device)
+    return torch.zeros(1, *shape, device=device, dtype=next(model.parameters()).dtype)
 
 
 def filter_norms(model: nn.Module, graph: structure.ChannelGraph, p: int = 1,
@@ -89,7 +89,7 @@ def filter_norms(model: nn.Module, graph: structure.ChannelGraph, p: int = 1,
     return norms
 
 
-def _dead_channels(model: nn.Module, group: structure.ChannelGroup, alive) -> torch.Tensor:
+def dead_channels(model: nn.Module, group: structure.ChannelGroup, alive) -> torch.Tensor:
     """Channels whose weight rows are already fully masked (an earlier pruning step removed them)."""
     layer = group.layers[0]
     name = structure._join(layer.module, "weight")
@@ -100,28 +100,31 @@ def _dead_channels(model: nn.Module, group: structure.ChannelGroup, alive) -> to
     return torch.tensor([not bool(mask[list(ix)].any()) for ix in layer.index])
 
 
-def filter_pruning_masks(model: nn.Module, sparsity: float, *, p: int = 1, example: torch.Tensor,
-                         alive: Mapping[str, torch.Tensor] | None = None, mask_bias: bool = True,
-                         params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Masks removing round(sparsity * n) lowest-Lp-norm channels of every safe layer (see module doc).
-
-    Ties keep the lower channel index. Channels already dead stay dead and count toward the target.
-    """
-    sparsity = check_sparsity(sparsity)
-    graph = structure.channel_graph(model, example)
-    norms = filter_norms(model, graph, p, params)
+def lowest_channels(model: nn.Module, graph: structure.ChannelGraph, scores: Mapping[int, torch.Tensor],
+                    sparsity: float, alive=None) -> dict[int, list[int]]:
+    """``{group: channels to remove}``: the round(sparsity * n) lowest-scoring channels of each group in
+    ``scores`` (at least one kept). Channels already dead stay dead and count toward the target; ties keep
+    the lower channel index."""
     removed = {}
-    for g, norm in norms.items():
+    for g, score in scores.items():
         group = graph.groups[g]
         n = group.size
         target = min(int(round(sparsity * n)), n - 1)
-        dead = _dead_channels(model, group, alive)
-        score = norm.masked_fill(dead, float("-inf"))
-        order = torch.sort(score, descending=True, stable=True).indices  # keep the first among equals
-        keep = max(n - max(target, int(dead.sum())), 0)
-        keep = min(keep, int((~dead).sum()))
+        dead = dead_channels(model, group, alive)
+        order = torch.sort(score.masked_fill(dead, float("-inf")), descending=True, stable=True).indices
+        keep = min(max(n - max(target, int(dead.sum())), 0), int((~dead).sum()))
         kept = set(order[:keep].tolist())
         removed[g] = [c for c in range(n) if c not in kept]
+    return removed
+
+
+def filter_pruning_masks(model: nn.Module, sparsity: float, *, p: int = 1, example: torch.Tensor,
+                         alive: Mapping[str, torch.Tensor] | None = None, mask_bias: bool = True,
+                         params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Masks removing round(sparsity * n) lowest-Lp-norm channels of every safe layer (see module doc)."""
+    sparsity = check_sparsity(sparsity)
+    graph = structure.channel_graph(model, example)
+    removed = lowest_channels(model, graph, filter_norms(model, graph, p, params), sparsity, alive)
     return structure.channel_masks(model, graph, removed, alive=alive, mask_bias=mask_bias)
 
 

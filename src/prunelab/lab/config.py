@@ -219,7 +219,7 @@ HELP = {
     "sparsity": "target fraction of prunable weights removed, in [0, 1)",
     "scope": "selection scope: global | layer (default: the method's)",
     "when": "init (prune, then train) | trained (train, prune, fine-tune) | during (the method prunes "
-            "while training: lobster); default: the method's",
+            "while training: lobster, isparse --mode train-with); default: the method's",
     "rounds": "iterative pruning rounds, each keeping the same fraction of the survivors",
     "rewind": "after each round: none (fine-tune) | init | early (lottery-ticket rewinding)",
     "rewind_iteration": "pre-training step rewound to when rewind = early",

@@ -285,8 +285,9 @@ class Run:
         method = pruning.get_method(self.config.method)
         if self.config.when != "during" or method.schedule is None:
             return None
-        schedule = method.schedule(self.model, dict(self.config.method_options), sparsity=self.config.sparsity,
-                                   data=self.train, seed=self.config.seed)
+        cfg = self.config
+        schedule = method.schedule(self.model, dict(cfg.method_options), sparsity=cfg.sparsity, data=self.train,
+                                   seed=cfg.seed, scope=cfg.scope, include_bias=cfg.include_bias)
         if state.get("during") is not None:
             schedule.load(state["during"], optimizer_state[0] if optimizer_state else {})
         schedule.attach(trainer.optimizer)
