@@ -1,13 +1,13 @@
 """Is a PFP-pruned ResNet-56 really faster? Channel masks -> physically smaller model -> CPU latency.
 
-    PRUNELAB_DATA=../shared/datasets python benchmarks/pfp_resnet56_speed.py [--fr 0.5] [--threads 1 2]
+    PRUNELAB_DATA=../shared/datasets python benchmarks/pfp_resnet56_speed.py [--fr 0.5] [--threads 1 2] [--ratio R]
 
 Builds ResNet-56 (option A) for CIFAR-10, prunes it with PFP channel masks (S drawn from the CIFAR-10
 training split) at the prune ratio whose physically smaller model removes ``--fr`` of the FLOPs (found
 by bisection), compacts it (``prunelab.compact``, outputs checked against the masked model) and times
-both models at batch 64 with ``torch.utils.benchmark`` for each thread count. The network is freshly
-initialised, not trained: FLOPs and latency depend only on the channel counts, not on the weights' values
-(which channels PFP keeps does depend on them). Writes benchmarks/results/pfp_resnet56_speed.json.
+both models at batch 64 with ``torch.utils.benchmark`` for each thread count. FLOPs and latency depend
+only on the channel counts, but which channels PFP keeps depends on the weights: ``--train-epochs N``
+trains the network briefly first (a full CIFAR schedule does not fit this CPU). Writes benchmarks/results/pfp_resnet56_speed.json.
 """
 
 from __future__ import annotations
@@ -26,8 +26,27 @@ from prunelab import checkpoint, masking, structure
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def prune_to(ratio: float, train, example) -> tuple:
+def trained_weights(train, epochs: int) -> dict | None:
+    """ResNet-56 after ``epochs`` of SGD (lr 0.1, momentum 0.9, wd 1e-4, batch 128), cached in runs/."""
+    if epochs == 0:
+        return None
+    path = ROOT / "runs" / "pfp_resnet56_speed" / f"resnet56_e{epochs}.safetensors"
     model = prunelab.build_model("resnet56", seed=0)
+    if not path.exists():
+        config = prunelab.TrainConfig(epochs=epochs, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4)
+        trainer = prunelab.Trainer(model, train, config, seed=0, progress=True)
+        for epoch in range(trainer.epochs):
+            trainer.run_epoch(epoch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prunelab.save_model(path, model)
+    prunelab.load_model(path, model)
+    return model.state_dict()
+
+
+def prune_to(ratio: float, train, example, weights=None) -> tuple:
+    model = prunelab.build_model("resnet56", seed=0)
+    if weights is not None:
+        model.load_state_dict(weights)
     prunelab.prune(model, "pfp", ratio, train, seed=0)
     small, report = prunelab.compact(model, example[:16])
     costs = structure.structured_metrics(model, small, example[:1], latency=False)
@@ -39,15 +58,19 @@ def main() -> None:
     parser.add_argument("--fr", type=float, default=0.5, help="FLOP reduction to reach")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--ratio", type=float, default=None, help="PFP prune ratio to use (skips the search)")
+    parser.add_argument("--train-epochs", type=int, default=0,
+                        help="train ResNet-56 this long before pruning (PFP's choice of channels depends on it)")
     args = parser.parse_args()
-    torch.set_num_threads(max(args.threads))
+    torch.set_num_threads(1)  # training and pruning; the timing sets its own thread counts
 
     train, _, test = prunelab.load_dataset("cifar10", val_fraction=0.1, seed=0)
     example = test.inputs[:args.batch]
+    weights = trained_weights(train, args.train_epochs)
     low, high, best = 0.5, 0.98, None  # PFP ratio 0.5 removes only about 21% of the FLOPs here
-    for _ in range(12):  # bisection on PFP's prune ratio; FR grows with it
-        ratio = (low + high) / 2
-        model, small, report, costs = prune_to(ratio, train, example)
+    for _ in range(1 if args.ratio else 12):  # bisection on PFP's prune ratio; FR grows with it
+        ratio = args.ratio or (low + high) / 2
+        model, small, report, costs = prune_to(ratio, train, example, weights)
         print(f"pfp ratio {ratio:.4f}: FR {costs['fr']:.2%}, PR {costs['pr']:.2%}", flush=True)
         if best is None or abs(costs["fr"] - args.fr) < abs(best[3]["fr"] - args.fr):
             best = (ratio, model, small, costs, report)
@@ -62,7 +85,8 @@ def main() -> None:
         lat = timed["latency_ms"]
         print(f"{threads} thread(s), batch {args.batch}: dense {lat['dense']:.1f} ms, "
               f"compact {lat['small']:.1f} ms, speed-up {lat['speedup']:.2f}x", flush=True)
-    result = {"benchmark": "pfp_resnet56_speed", "model": "resnet56", "pfp_ratio": ratio, "fr": costs["fr"],
+    result = {"benchmark": "pfp_resnet56_speed", "model": "resnet56", "train_epochs": args.train_epochs,
+              "pfp_ratio": ratio, "fr": costs["fr"],
               "pr": costs["pr"], "params": costs["params"], "flops": costs["flops"],
               "compact_max_abs_diff": report.max_abs_diff, "batch": args.batch, "latency_ms": timings,
               "environment": {"torch": torch.__version__, "python": platform.python_version(),

@@ -39,9 +39,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 OPTIONS = {"lenet300-100": {}, "lenet5-caffe": {"relu": True}}
 
 
-def config(model: str, iterations: int, epochs: int, seed: int, threads: int, keep_best: bool) -> RunConfig:
-    tag = "_best" if keep_best else ""
-    return RunConfig(model=model, model_options=OPTIONS[model], method="relief", rounds=iterations, rewind="init",
+def config(model: str, iterations: int, epochs: int, seed: int, threads: int, keep_best: bool,
+           rewind: str = "init") -> RunConfig:
+    tag = ("_best" if keep_best else "") + ("" if rewind == "init" else "_finetune")
+    return RunConfig(model=model, model_options=OPTIONS[model], method="relief", rounds=iterations, rewind=rewind,
                      normalize_inputs=False, epochs=epochs, optimizer="adam", lr=1e-3, batch_size=120,
                      weight_decay=5e-4, lr_schedule="multistep", milestones=[epochs // 2], seed=seed,
                      threads=threads, keep_best=keep_best,
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
                         help="end each (re)training on its lowest-validation-error epoch (the authors chose on test)")
+    parser.add_argument("--rewind", choices=["init", "none"], default="init",
+                        help="init: rewind to the initial weights before retraining (the paper's LeNets); "
+                             "none: fine-tune the pruned weights (its VGG/ResNet procedure)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
@@ -108,11 +112,12 @@ def main() -> None:
                              "threads": args.threads, "cpu_count": os.cpu_count()}
     print(f"NNrelief step on LeNet-5-Caffe, 1000 images: {output['scoring_seconds_lenet5_1000']:.2f} s", flush=True)
     for model in args.models:
-        key = f"{model}_i{args.iterations}_e{args.epochs}" + ("_best" if args.keep_best else "")
+        key = (f"{model}_i{args.iterations}_e{args.epochs}" + ("_best" if args.keep_best else "")
+               + ("" if args.rewind == "init" else "_finetune"))
         runs = {}
         for seed in args.seeds:
-            result = lab_run.run(config(model, args.iterations, args.epochs, seed, args.threads, args.keep_best),
-                                 progress=False)
+            result = lab_run.run(config(model, args.iterations, args.epochs, seed, args.threads, args.keep_best,
+                                        args.rewind), progress=False)
             runs[str(seed)] = {"rounds": rounds_of(result), "structured": result.get("structured"),
                                "train_seconds": result["time_s"]["train"]}
         summary = []
@@ -122,7 +127,7 @@ def main() -> None:
                 row[field] = mean_std([r["rounds"][i][field] for r in runs.values()])
             summary.append(row)
         output["variants"][key] = {"model": model, "iterations": args.iterations, "epochs": args.epochs,
-                                   "keep_best": args.keep_best, "seeds": runs, "summary": summary}
+                                   "keep_best": args.keep_best, "rewind": args.rewind, "seeds": runs, "summary": summary}
         checkpoint.write_json(path, output)
     write_markdown(output)
 
@@ -130,8 +135,9 @@ def main() -> None:
 def write_markdown(output: dict) -> None:
     lines = ["# NNrelief on MNIST", "",
              "Adam lr 1e-3, batch 120, wd 5e-4, lr x0.1 at half of every (re)training; NNrelief iterations with "
-             "alpha_fc 0.95, alpha_conv 0.9 and 1000 pruning images, each followed by rewinding to the initial "
-             "weights and retraining (the paper's LeNet procedure); inputs in [0, 1]; 1 CPU thread. "
+             "alpha_fc 0.95, alpha_conv 0.9 and 1000 pruning images, each followed by retraining, after rewinding "
+             "the survivors to their initial values (the paper's LeNet procedure) unless a section says it "
+             "fine-tunes; inputs in [0, 1]; 1 CPU thread. "
              "Remaining = weights of the conv/fc layers, % of the original. keep_best: each (re)training ends on "
              "its epoch with the lowest validation error; the test error is only reported.",
              "", f"One NNrelief step on LeNet-5-Caffe with 1000 images: {output['scoring_seconds_lenet5_1000']:.2f} s.", ""]
@@ -140,7 +146,8 @@ def write_markdown(output: dict) -> None:
         first = next(iter(seeds.values()))["rounds"]
         layers = list(first[-1]["layer_percent"] or {})
         units = list(first[0]["neurons"])
-        lines += [f"## {data['model']}: {data['iterations']} iterations, {data['epochs']} epochs each, "
+        retrain = "fine-tuning the pruned weights" if data.get("rewind") == "none" else "rewinding to init"
+        lines += [f"## {data['model']}: {data['iterations']} iterations, {data['epochs']} epochs each, {retrain}, "
                   f"keep_best {str(data['keep_best']).lower()}, seeds {', '.join(seeds)}", "",
                   "| iteration | remaining % | test error % | val error % |", "|---|---|---|---|"]
         for row in data["summary"]:

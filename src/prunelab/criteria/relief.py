@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import structure
+from .. import masking, structure
 from ..errors import PrunelabError
 from ..methods import Method, register
 
@@ -303,8 +303,6 @@ class _Masks:
 
     def apply(self, model: nn.Module) -> None:
         """Zero the pruned entries now, so the next activity pass sees the pruned network."""
-        from .. import masking
-
         masking.attach(model, dict(self.masks))
 
 
