@@ -159,9 +159,14 @@ def test_every_config_key_is_a_documented_flag(capsys):
         assert (flag.removesuffix("s") if name.endswith("_options") else flag) in text, name
 
 
-def test_method_flags_take_dashes_and_bad_values_stop_before_training(tmp_path, capsys):
-    out = tmp_path / "relief"
-    code, _, err = run_cli("run", "--model", "lenet300-100", "--method", "relief", "--alpha-fc", "1.5",
-                           "--out", str(out), capsys=capsys)
-    assert_usage_error(code, err, "alpha_fc must be in (0, 1]")
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "relief", "--alpha-fc", "1.5"], "alpha_fc must be in (0, 1]"),
+    (["--method", "snip", "--sparsity", "0.9", "--method-option", "bn_mode=bogus"], "bn_mode must be one of"),
+    (["--method", "pfp", "--sparsity", "0.5", "--method-option", "delta=2"], "delta must be in (0, 1)"),
+    (["--method", "isparse", "--sparsity", "0.5", "--method-option", "output=max"], "output must be one of"),
+])
+def test_method_flags_take_dashes_and_bad_values_stop_before_training(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    code, _, err = run_cli("run", "--model", "lenet300-100", *argv, "--out", str(out), capsys=capsys)
+    assert_usage_error(code, err, message)
     assert not out.exists()

@@ -86,6 +86,17 @@ def check_bool(method: str, name: str, value) -> bool:
     return value
 
 
+def check_options(options: Mapping[str, Any]) -> None:
+    """Every option value, checked by the lab before a run starts."""
+    options = {**DEFAULTS, **options}
+    check_choice("isparse", "mode", options["mode"], MODES)
+    check_bool("isparse", "use_input", options["use_input"])
+    check_choice("isparse", "neuron_importance", options["neuron_importance"], IMPORTANCE)
+    check_choice("isparse", "output", options["output"], OUTPUTS)
+    for key in ("examples", "batch_size", "interval", "ramp"):
+        check_positive_int("isparse", key, options[key])
+
+
 def when_from(options: Mapping[str, Any]) -> str:
     """The lab's schedule implied by ``mode``: sparsify-with prunes a trained model, train-with while training."""
     mode = check_choice("isparse", "mode", options.get("mode", DEFAULTS["mode"]), MODES)
@@ -406,5 +417,5 @@ def _schedule(model, options, *, sparsity, data, seed, scope="layer", include_bi
 register(Method(
     "isparse", "output-informed edge significance mean|x_i| |w_ij| N_j, per layer (Garg & Candan 2020; "
     "score reconstructed)", isparse_scores, scope="layer", when="trained", options=dict(DEFAULTS),
-    schedule=_schedule, flags=("mode",), retrain=False, when_from=when_from,
+    schedule=_schedule, flags=("mode",), retrain=False, when_from=when_from, validate=check_options,
     paper="Garg & Candan, ICMR 2020 / OpenReview ryefmpEYPr (score reconstructed, methods.md 5.1)"))

@@ -582,13 +582,9 @@ class _Selector:
         return self.count(masks), masks, kept, scales, counts
 
 
-def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: float, *,
-         generator: torch.Generator, alive: Mapping[str, torch.Tensor] | None = None,
-         mode: str = "deterministic", delta: float = 1e-16, points: int | None = None,
-         batch_size: int | None = None, c: float = 3.0, target: str = "weights",
-         mask_bias: bool = True) -> PFPPlan:
-    """Compute PFP's masks for ``sparsity`` without touching the model (see the module docstring)."""
-    sparsity = check_sparsity(sparsity)
+def check_options(*, mode="deterministic", delta=1e-16, points=None, batch_size=None, c=3.0, target="weights",
+                  **_) -> None:
+    """PrunelabError for a bad option value (also called by the lab before a run starts)."""
     if mode not in MODES:
         raise PrunelabError(f"pfp option mode must be one of: {', '.join(MODES)}; got {mode!r}")
     if target not in TARGETS:
@@ -600,6 +596,16 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
     for key, value in (("points", points), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise PrunelabError(f"pfp option {key} must be a positive integer, got {value!r}")
+
+
+def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: float, *,
+         generator: torch.Generator, alive: Mapping[str, torch.Tensor] | None = None,
+         mode: str = "deterministic", delta: float = 1e-16, points: int | None = None,
+         batch_size: int | None = None, c: float = 3.0, target: str = "weights",
+         mask_bias: bool = True) -> PFPPlan:
+    """Compute PFP's masks for ``sparsity`` without touching the model (see the module docstring)."""
+    sparsity = check_sparsity(sparsity)
+    check_options(mode=mode, delta=delta, points=points, batch_size=batch_size, c=c, target=target)
     if data is None:
         raise PrunelabError("method 'pfp' needs data to score (pass data=...)")
     alive = dict(alive or {})
@@ -725,4 +731,5 @@ register(Method("pfp", "Provable Filter Pruning: data-informed channel sensitivi
                        "layers (Liebenwein et al.)", pfp_scores, scope="global", when="trained", needs_data=True,
                 options={"mode": "deterministic", "delta": 1e-16, "points": None, "batch_size": None, "c": 3.0,
                          "target": "weights", "mask_bias": True},
-                pruner=pfp_pruner, structured=True, paper="Liebenwein et al., ICLR 2020"))
+                pruner=pfp_pruner, structured=True, validate=lambda options: check_options(**options),
+                paper="Liebenwein et al., ICLR 2020"))

@@ -73,6 +73,14 @@ def check_bn_mode(method: str, bn_mode) -> str:
     return bn_mode
 
 
+def check_options(options) -> None:
+    """SNIP's option values, checked by the lab before a run starts."""
+    check_positive_int("snip", "batches", options.get("batches", 1))
+    if options.get("batch_size") is not None:
+        check_positive_int("snip", "batch_size", options["batch_size"])
+    check_bn_mode("snip", options.get("bn_mode", "eval"))
+
+
 def _as_pair(data):
     """(inputs, targets) if ``data`` is a pair of tensors, else None."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
@@ -226,5 +234,5 @@ def snip_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, g
 register(Method(
     "snip", "connection sensitivity |w dL/dw| on a data batch, pruned once at initialisation",
     snip_scores, scope="global", when="init", needs_data=True,
-    options={"batch_size": None, "batches": 1, "bn_mode": "eval"},
+    options={"batch_size": None, "batches": 1, "bn_mode": "eval"}, validate=check_options,
     paper="Lee, Ajanthan & Torr, ICLR 2019"))
