@@ -43,11 +43,11 @@ def trained_weights(train, epochs: int) -> dict | None:
     return model.state_dict()
 
 
-def prune_to(ratio: float, train, example, weights=None) -> tuple:
+def prune_to(ratio: float, train, example, weights=None, method: str = "pfp") -> tuple:
     model = prunelab.build_model("resnet56", seed=0)
     if weights is not None:
         model.load_state_dict(weights)
-    prunelab.prune(model, "pfp", ratio, train, seed=0)
+    prunelab.prune(model, method, ratio, train, seed=0)
     small, report = prunelab.compact(model, example[:16])
     costs = structure.structured_metrics(model, small, example[:1], latency=False)
     return model, small, report, costs
@@ -56,6 +56,8 @@ def prune_to(ratio: float, train, example, weights=None) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fr", type=float, default=0.5, help="FLOP reduction to reach")
+    parser.add_argument("--method", choices=["pfp", "pfec"], default="pfp",
+                        help="pfec (uniform L1 filter pruning of each block's first conv) for comparison")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--ratio", type=float, default=None, help="PFP prune ratio to use (skips the search)")
@@ -70,8 +72,8 @@ def main() -> None:
     low, high, best = 0.5, 0.98, None  # PFP ratio 0.5 removes only about 21% of the FLOPs here
     for _ in range(1 if args.ratio else 12):  # bisection on PFP's prune ratio; FR grows with it
         ratio = args.ratio or (low + high) / 2
-        model, small, report, costs = prune_to(ratio, train, example, weights)
-        print(f"pfp ratio {ratio:.4f}: FR {costs['fr']:.2%}, PR {costs['pr']:.2%}", flush=True)
+        model, small, report, costs = prune_to(ratio, train, example, weights, args.method)
+        print(f"{args.method} ratio {ratio:.4f}: FR {costs['fr']:.2%}, PR {costs['pr']:.2%}", flush=True)
         if best is None or abs(costs["fr"] - args.fr) < abs(best[3]["fr"] - args.fr):
             best = (ratio, model, small, costs, report)
         if abs(costs["fr"] - args.fr) < 0.01:
@@ -86,12 +88,13 @@ def main() -> None:
         print(f"{threads} thread(s), batch {args.batch}: dense {lat['dense']:.1f} ms, "
               f"compact {lat['small']:.1f} ms, speed-up {lat['speedup']:.2f}x", flush=True)
     result = {"benchmark": "pfp_resnet56_speed", "model": "resnet56", "train_epochs": args.train_epochs,
-              "pfp_ratio": ratio, "fr": costs["fr"],
+              "method": args.method, "ratio": ratio, "fr": costs["fr"],
               "pr": costs["pr"], "params": costs["params"], "flops": costs["flops"],
               "compact_max_abs_diff": report.max_abs_diff, "batch": args.batch, "latency_ms": timings,
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}}
-    checkpoint.write_json(ROOT / "benchmarks" / "results" / "pfp_resnet56_speed.json", result)
+    suffix = "" if args.method == "pfp" else f"_{args.method}"
+    checkpoint.write_json(ROOT / "benchmarks" / "results" / f"pfp_resnet56_speed{suffix}.json", result)
 
 
 if __name__ == "__main__":
