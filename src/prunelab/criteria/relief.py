@@ -268,9 +268,11 @@ def _expand(per_slice: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 def _check(**options) -> dict:
+    """PrunelabError for a bad option value (also called by the lab before a run starts)."""
     for key in ("alpha_fc", "alpha_conv"):
         value = options.get(key)
-        if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value <= 1):
             raise PrunelabError(f"relief: {key} must be in (0, 1], got {value!r}")
     for key in ("examples", "batch_size"):
         value = options.get(key)
