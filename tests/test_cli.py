@@ -164,6 +164,8 @@ def test_every_config_key_is_a_documented_flag(capsys):
     (["--method", "snip", "--sparsity", "0.9", "--method-option", "bn_mode=bogus"], "bn_mode must be one of"),
     (["--method", "pfp", "--sparsity", "0.5", "--method-option", "delta=2"], "delta must be in (0, 1)"),
     (["--method", "isparse", "--sparsity", "0.5", "--method-option", "output=max"], "output must be one of"),
+    (["--method", "lobster", "--pwe", "many"], "option pwe must be int"),
+    (["--method", "synflow", "--sparsity", "0.9", "--method-option", "rounds=2.5"], "option rounds must be int"),
 ])
 def test_method_flags_take_dashes_and_bad_values_stop_before_training(tmp_path, capsys, argv, message):
     out = tmp_path / "run"

@@ -55,6 +55,7 @@ def resolve(config: RunConfig) -> RunConfig:
     if unknown_options:
         raise PrunelabError(f"unknown option(s) {', '.join(unknown_options)} for method {method.name!r}; "
                             f"allowed: {', '.join(sorted(method.options)) or 'none'}")
+    _check_option_types(method, config.method_options)
     if method.validate:
         method.validate({**method.options, **config.method_options})
     implied = method.when_from({**method.options, **config.method_options}) if method.when_from else None
@@ -97,6 +98,24 @@ def resolve(config: RunConfig) -> RunConfig:
                        finetune_epochs=finetune_epochs)
     resolved.train_config()  # validates the optimizer and schedule settings
     return resolved
+
+
+def _check_option_types(method, options: dict) -> None:
+    """A method option must have its default's type (an int may stand for a float)."""
+    for key, value in options.items():
+        default = method.options.get(key)
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                isinstance(default, float) or isinstance(value, int))
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise PrunelabError(f"method {method.name!r} option {key} must be {type(default).__name__} like its "
+                                f"default {default!r}, got {value!r}")
 
 
 def plan(config: RunConfig) -> list[Stage]:
