@@ -180,6 +180,8 @@ def markdown(data: dict) -> str:
         else:
             schedule = f"Adam lr {row['lr']:g}, x{row['gamma']:g} at {row['milestones']}"
         name = row["model"] + (" (embed)" if row["model_options"].get("embed") else "")
+        variant = [v for v, on in (("biases pruned", row["include_bias"]), ("fresh draw", row["reinit"])) if on]
+        name += f" ({', '.join(variant)})" if variant else ""
         target = "dense" if not row["target_sparsity"] else f"{100 * row['target_sparsity']:g}%"
         paper = "–" if row["paper_error_pct"] is None else f"{row['paper_error_pct']:g}"
         lines.append(f"| {name} | {target} | {row['mean_pct']:.2f} ± {row['std_pct']:.2f} "
@@ -200,12 +202,14 @@ def markdown(data: dict) -> str:
               "lr 0.1 with or without momentum, so its reference uses lr 0.01; the SNIP nets train at 0.1.",
               "* The LSTM uses Adam lr 1e-3 (the paper's RNN initialisation study; no RNN recipe is given), "
               "hidden 128 with a 28->128 input projection (137k parameters, as the paper's LSTM-s).",
-              "* Differences from the official code (namhoonlee/snip-public), not replicated here: its "
-              "`test.py` reports the *best* test accuracy over the last saved checkpoints; it trains a fresh "
-              "draw of the weights (`weights_ap`) under the mask, not the scored ones (`--reinit` here); it "
-              "scores and prunes the biases too, which it initialises with variance scaling before pruning "
-              "(`--initializer_b_bp vs` is the default) and with zeros for training; its default optimizer is "
-              "plain SGD (`--optimizer momentum` gives the paper's momentum 0.9).", ""]
+              "* Differences from the official code (namhoonlee/snip-public): its `test.py` reports the *best* "
+              "test accuracy over the last saved checkpoints (not replicated: the test set chooses nothing "
+              "here); it trains a fresh draw of the weights (`weights_ap`) under the mask, not the scored ones "
+              "(`--reinit`), and it scores and prunes the biases too (`--include-bias`): the rows marked "
+              "\"biases pruned, fresh draw\" ran both and are no better; it initialises biases with variance "
+              "scaling before pruning (`--initializer_b_bp vs` is the default; ours start at 0, so a pruned "
+              "bias scores 0) and with zeros for training; its default optimizer is plain SGD "
+              "(`--optimizer momentum` gives the paper's momentum 0.9).", ""]
     return "\n".join(lines)
 
 
