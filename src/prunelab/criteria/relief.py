@@ -144,7 +144,6 @@ def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: 
                      conv_fro: bool, batch_size: int) -> dict[str, LayerActivity]:
     """One eval-mode pass over ``inputs`` recording each layer's input activity (see LayerActivity)."""
     stats = {name: LayerActivity() for name in layers}
-    device = next(model.parameters()).device
 
     def hook(name):
         def record(module, args, output):
@@ -168,8 +167,14 @@ def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: 
             s.abs_sum = total if s.abs_sum is None else s.abs_sum + total
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    _hooked_pass(model, inputs, batch_size, [m.register_forward_hook(hook(n)) for n, m in layers.items()])
+    return stats
+
+
+def _hooked_pass(model: nn.Module, inputs: torch.Tensor, batch_size: int, handles) -> None:
+    """Run ``inputs`` through the model in eval mode without gradients, then remove the hooks."""
     training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         with torch.no_grad():
@@ -179,7 +184,6 @@ def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: 
         for handle in handles:
             handle.remove()
         model.train(training)
-    return stats
 
 
 def _double(conv: nn.Conv2d) -> nn.Conv2d:
@@ -369,19 +373,9 @@ def _block_rule(model, layers, inputs, alpha, batch_size, masks: _Masks, report:
                 sums[name][2] += output.shape[0]
         return record
 
-    handles = [h for n, b in blocks.items()
-               for h in (b.bn2.register_forward_hook(hook(n, 0)), b.shortcut.register_forward_hook(hook(n, 1)))]
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            for chunk in inputs.split(batch_size):
-                model(chunk.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
+    _hooked_pass(model, inputs, batch_size,
+                 [h for n, b in blocks.items()
+                  for h in (b.bn2.register_forward_hook(hook(n, 0)), b.shortcut.register_forward_hook(hook(n, 1)))])
     bound = (1 - alpha) / alpha
     for name, (body, short, count) in sums.items():
         body_norm = (body / count).flatten(1).norm(dim=1)
