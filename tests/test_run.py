@@ -128,3 +128,40 @@ def test_keep_best_needs_validation_data(tmp_path, data_root):
     from prunelab.errors import PrunelabError
     with pytest.raises(PrunelabError, match="keep_best"):
         lab_run.resolve(config(tmp_path, data_root, keep_best=True, val_fraction=0.0))
+
+
+def test_keep_best_survives_an_interruption(tmp_path, data_root, monkeypatch):
+    """Epoch 1 is made the best one; a run stopped during epoch 2 must still end on epoch 1's weights."""
+    original_evaluate, original_epoch = lab_run.evaluate, Trainer.run_epoch
+
+    def scripted(val_errors):  # validation errors in call order (the val split holds 6,000 images)
+        queue = iter(val_errors)
+
+        def evaluate(model, data, **kwargs):
+            result = original_evaluate(model, data, **kwargs)
+            return {**result, "error": next(queue, 0.9)} if len(data) == 6000 else result
+        return evaluate
+
+    def cfg(name):
+        return config(tmp_path, data_root, name, keep_best=True, finetune_epochs=0)
+
+    monkeypatch.setattr(lab_run, "evaluate", scripted([0.01, 0.5]))
+    whole = lab_run.run(cfg("whole"), echo=None)
+
+    def crash_in_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original_epoch(self, epoch)
+
+    monkeypatch.setattr(lab_run, "evaluate", scripted([0.01]))
+    monkeypatch.setattr(Trainer, "run_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        lab_run.run(cfg("resumed"), echo=None)
+    monkeypatch.setattr(Trainer, "run_epoch", original_epoch)
+    monkeypatch.setattr(lab_run, "evaluate", scripted([0.5]))
+    resumed = lab_run.run(cfg("resumed"), echo=None)
+
+    assert whole["kept_epochs"] == resumed["kept_epochs"] == [{"stage": "pretrain", "epoch": 1, "val_error": 0.01}]
+    a, _ = checkpoint.load_tensors(tmp_path / "whole" / "model.safetensors")
+    b, _ = checkpoint.load_tensors(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
