@@ -47,6 +47,7 @@ from torch import nn
 
 from . import checkpoint, masking, metrics
 from .errors import PrunelabError
+from .hooks import run_with_hooks
 
 PLAN_FORMAT = "prunelab.compact/1"
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -285,12 +286,7 @@ def _capture_inputs(model: nn.Module, modules: Iterable[str], example: torch.Ten
         def hook(_module, inputs, name=name):
             seen.setdefault(name, inputs[0].detach())
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, example, hooks, eval_mode=False)
     return seen
 
 

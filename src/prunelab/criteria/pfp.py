@@ -84,6 +84,7 @@ from torch import nn
 
 from .. import structure
 from ..errors import PrunelabError
+from ..hooks import run_with_hooks
 from ..methods import Method, register
 from ..selection import check_sparsity
 
@@ -387,17 +388,7 @@ def _layers(model: nn.Module, params: Mapping[str, torch.Tensor], graph: structu
             shapes.setdefault(name, tuple(output.shape))  # returns None: the output is left alone
         return hook
 
-    hooks = [named[n].register_forward_hook(record(n)) for n in chosen]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, mode in modes:
-            m.train(mode)
+    run_with_hooks(model, example, [named[n].register_forward_hook(record(n)) for n in chosen])
     layers = []
     for name in chosen:
         module = named[name]

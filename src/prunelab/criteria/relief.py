@@ -55,6 +55,7 @@ from torch import nn
 
 from .. import masking, structure
 from ..errors import PrunelabError
+from ..hooks import run_with_hooks
 from ..methods import Method, register
 
 DEFAULTS = {"alpha_fc": 0.95, "alpha_conv": 0.9, "examples": 1000, "conv_reduce": "fro",
@@ -167,23 +168,9 @@ def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: 
             s.abs_sum = total if s.abs_sum is None else s.abs_sum + total
         return record
 
-    _hooked_pass(model, inputs, batch_size, [m.register_forward_hook(hook(n)) for n, m in layers.items()])
+    run_with_hooks(model, inputs, [m.register_forward_hook(hook(n)) for n, m in layers.items()],
+                   batch_size=batch_size)
     return stats
-
-
-def _hooked_pass(model: nn.Module, inputs: torch.Tensor, batch_size: int, handles) -> None:
-    """Run ``inputs`` through the model in eval mode without gradients, then remove the hooks."""
-    training = model.training
-    device = next(model.parameters()).device
-    model.eval()
-    try:
-        with torch.no_grad():
-            for chunk in inputs.split(batch_size):
-                model(chunk.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
 
 
 def _double(conv: nn.Conv2d) -> nn.Conv2d:
@@ -373,9 +360,10 @@ def _block_rule(model, layers, inputs, alpha, batch_size, masks: _Masks, report:
                 sums[name][2] += output.shape[0]
         return record
 
-    _hooked_pass(model, inputs, batch_size,
-                 [h for n, b in blocks.items()
-                  for h in (b.bn2.register_forward_hook(hook(n, 0)), b.shortcut.register_forward_hook(hook(n, 1)))])
+    run_with_hooks(model, inputs,
+                   [h for n, b in blocks.items()
+                  for h in (b.bn2.register_forward_hook(hook(n, 0)), b.shortcut.register_forward_hook(hook(n, 1)))],
+                   batch_size=batch_size)
     bound = (1 - alpha) / alpha
     for name, (body, short, count) in sums.items():
         body_norm = (body / count).flatten(1).norm(dim=1)
