@@ -360,10 +360,9 @@ def _block_rule(model, layers, inputs, alpha, batch_size, masks: _Masks, report:
                 sums[name][2] += output.shape[0]
         return record
 
-    run_with_hooks(model, inputs,
-                   [h for n, b in blocks.items()
-                  for h in (b.bn2.register_forward_hook(hook(n, 0)), b.shortcut.register_forward_hook(hook(n, 1)))],
-                   batch_size=batch_size)
+    handles = [h for n, b in blocks.items()
+               for h in (b.bn2.register_forward_hook(hook(n, 0)), b.shortcut.register_forward_hook(hook(n, 1)))]
+    run_with_hooks(model, inputs, handles, batch_size=batch_size)
     bound = (1 - alpha) / alpha
     for name, (body, short, count) in sums.items():
         body_norm = (body / count).flatten(1).norm(dim=1)
