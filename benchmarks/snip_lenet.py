@@ -80,7 +80,7 @@ def config_for(model: str, options: dict, sparsity: float, overrides: dict, seed
                   sparsity=sparsity, init="vs", include_bias=args.include_bias and bool(sparsity),
                   reinit=args.reinit and bool(sparsity), data_root=args.data_root, val_fraction=0.1,
                   epochs=None, iterations=iterations, batch_size=100, seed=seed, threads=args.threads,
-                  latency=False)
+                  latency=False, keep_best=args.keep_best)
     if lstm:
         common.update(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_schedule="multistep",
                       milestones=[iterations * 3 // 4], gamma=0.1)
@@ -90,7 +90,8 @@ def config_for(model: str, options: dict, sparsity: float, overrides: dict, seed
     common.update(overrides)
     name = f"{model}_{'dense' if not sparsity else f'snip{sparsity:g}'}_{iterations}it" \
            + "".join(f"_{k}{v:g}" for k, v in overrides.items()) \
-           + ("_bias" if common["include_bias"] else "") + ("_reinit" if common["reinit"] else "") + f"_s{seed}"
+           + ("_bias" if common["include_bias"] else "") + ("_reinit" if common["reinit"] else "") \
+           + ("_best" if args.keep_best else "") + f"_s{seed}"
     return RunConfig(**common, out=str(Path(args.runs) / name))
 
 
@@ -112,7 +113,7 @@ def summarise(model, options, sparsity, results, configs) -> dict:
     cfg = configs[0]
     row = {
         "model": model, "model_options": options, "method": cfg.method, "target_sparsity": sparsity,
-        "include_bias": cfg.include_bias, "reinit": cfg.reinit, "init": cfg.init,
+        "include_bias": cfg.include_bias, "reinit": cfg.reinit, "keep_best": cfg.keep_best, "init": cfg.init,
         "iterations": cfg.iterations, "optimizer": cfg.optimizer, "lr": cfg.lr,
         "lr_schedule": cfg.lr_schedule, "step_size": cfg.step_size, "milestones": cfg.milestones,
         "gamma": cfg.gamma, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
@@ -180,7 +181,8 @@ def markdown(data: dict) -> str:
         else:
             schedule = f"Adam lr {row['lr']:g}, x{row['gamma']:g} at {row['milestones']}"
         name = row["model"] + (" (embed)" if row["model_options"].get("embed") else "")
-        variant = [v for v, on in (("biases pruned", row["include_bias"]), ("fresh draw", row["reinit"])) if on]
+        variant = [v for v, on in (("biases pruned", row["include_bias"]), ("fresh draw", row["reinit"]),
+                                   ("best validation epoch", row.get("keep_best"))) if on]
         name += f" ({', '.join(variant)})" if variant else ""
         target = "dense" if not row["target_sparsity"] else f"{100 * row['target_sparsity']:g}%"
         paper = "–" if row["paper_error_pct"] is None else f"{row['paper_error_pct']:g}"
@@ -223,8 +225,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100_000,
                         help="training iterations of the LeNet parts; lr x0.1 every iterations/4")
     parser.add_argument("--lstm-iterations", type=int, default=10_800, help="LSTM training iterations")
+    parser.add_argument("--targets", type=float, nargs="+", default=None,
+                        help="run only these sparsities of each part (0 = the dense reference)")
     parser.add_argument("--include-bias", action="store_true", help="prune biases too (official SNIP code)")
     parser.add_argument("--reinit", action="store_true", help="train from a fresh draw (official SNIP code)")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="end on the epoch with the lowest validation error (the official code reports "
+                             "its best test checkpoint; here validation chooses)")
     parser.add_argument("--runs", default="runs/snip_lenet")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -254,6 +261,8 @@ def main() -> None:
             save()
             continue
         for model, options, sparsity, overrides in PARTS[part]:
+            if args.targets is not None and sparsity not in args.targets:
+                continue
             seeds = args.seeds if sparsity or args.reference_seeds is None else args.reference_seeds
             configs = [config_for(model, options, sparsity, overrides, seed, args) for seed in seeds]
             results = []

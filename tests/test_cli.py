@@ -163,6 +163,9 @@ def test_every_config_key_is_a_documented_flag(capsys):
     (["--method", "relief", "--alpha-fc", "1.5"], "alpha_fc must be in (0, 1]"),
     (["--method", "snip", "--sparsity", "0.9", "--method-option", "bn_mode=bogus"], "bn_mode must be one of"),
     (["--method", "pfp", "--sparsity", "0.5", "--method-option", "delta=2"], "delta must be in (0, 1)"),
+    (["--method", "pfp", "--sparsity", "0.5", "--mode", "greedy"], "mode must be one of"),  # --mode is shared
+    (["--method", "pfp", "--sparsity", "0.5", "--round-to", "0"], "round_to must be a positive integer"),
+    (["--method", "snip", "--sparsity", "0.5", "--delta", "0.1"], "delta"),  # not a snip option
     (["--method", "isparse", "--sparsity", "0.5", "--method-option", "output=max"], "output must be one of"),
     (["--method", "lobster", "--pwe", "many"], "option pwe must be int"),
     (["--method", "synflow", "--sparsity", "0.9", "--method-option", "rounds=2.5"], "option rounds must be int"),

@@ -228,7 +228,7 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_mode_is_a_flag_and_implies_the_schedule(tmp_path, data_root):
-    assert method_flags()["mode"] == "isparse"
+    assert method_flags()["mode"] == ("isparse", "pfp")
     folded = fold_method_flags({"model": "lenet300-100", "method": "isparse", "mode": "train-with"})
     assert folded["method_options"] == {"mode": "train-with"}
     base = dict(model="lenet300-100", method="isparse", sparsity=0.5, data_root=str(data_root), latency=False)

@@ -128,6 +128,21 @@ def test_allocation_is_monotone_in_epsilon_and_hits_the_target():
     assert sizes[0] > sizes[-1]
 
 
+def test_round_to_gives_multiples_and_still_hits_the_target():
+    model, data = _lenet300()
+    params = masking.prunable_parameters(model)
+    plain = pfp.plan(model, params, data, 0.8, generator=torch.Generator().manual_seed(0))
+    plan = pfp.plan(model, params, data, 0.8, generator=torch.Generator().manual_seed(0), round_to=8)
+    kept = {layer["name"]: layer["kept"] for layer in plan.layers}
+    assert all(k % 8 == 0 for k in kept.values()), kept  # 784 pixels, 300 and 100 neurons read
+    assert kept != {layer["name"]: layer["kept"] for layer in plain.layers}
+    assert abs(plan.kept - plan.target) <= 8 * 300  # one step of the coarsest layer: 8 pixels x 300 rows
+    per_layer = [plan.allocation_at(10.0 ** e)["fc2"] for e in range(-3, 6)]
+    assert all(a >= b for a, b in zip(per_layer, per_layer[1:])) and all(a % 8 == 0 or a == 300 for a in per_layer)
+    with pytest.raises(PrunelabError, match="round_to"):
+        pfp.plan(model, params, data, 0.8, generator=torch.Generator().manual_seed(0), round_to=0)
+
+
 def test_target_all_counts_every_parameter():
     model, data = _lenet300()
     params = masking.prunable_parameters(model)

@@ -128,6 +128,49 @@ def test_compact_pfp_resnet_with_batchnorm_statistics():
     assert report.params_after < 0.6 * report.params_before
 
 
+def _mask_stream_inputs(model):
+    """Zero 6 of the 16 residual-stream input channels of layer1.0.conv1, which layer1.0's shortcut and
+    layer1.1.conv1 still read: not removable, only gatherable. Also an unstructured mask on a survivor."""
+    mask = torch.ones(16, 16, 3, 3, dtype=torch.bool)
+    mask[:, [1, 3, 4, 8, 9, 15]] = False
+    mask[0, 0, 0, 0] = False
+    masking.attach(model, {"layer1.0.conv1.weight": mask})
+    return [0, 2, 5, 6, 7, 10, 11, 12, 13, 14]
+
+
+def test_compact_gathers_inputs_a_layer_no_longer_reads():
+    model = _randomise_batchnorm(prunelab.build_model("resnet20", seed=0))
+    used = _mask_stream_inputs(model)
+    x = _batch("resnet20")
+    small, report = _compact_ok(model, x, "resnet20")
+    conv = small.layer1[0].conv1
+    assert isinstance(conv, structure.GatheredConv2d) and isinstance(conv, nn.Conv2d)
+    assert conv.input_index.tolist() == used and conv.weight.shape == (16, 10, 3, 3)
+    assert report.plan["gathered"] == {"layer1.0.conv1": used}
+    assert not prunelab.masks(small)["layer1.0.conv1.weight"][0, 0, 0, 0]  # re-indexed with the weight
+    assert small.layer1[1].conv1.in_channels == 16  # the stream itself is untouched
+    plain, _ = structure.compact(model, x, gather_inputs=False)
+    assert type(plain.layer1[0].conv1) is nn.Conv2d
+    flops = [prunelab.metrics.module_flops(m, x[:1])[1]["layer1.0.conv1"] for m in (plain, small)]
+    assert flops[1] * 16 == flops[0] * 10  # the gathered conv costs 10/16 of the masked one
+    fast = masking.copy_model(small).to(memory_format=torch.channels_last)
+    with torch.no_grad():  # the channels-last layout survives the gather and gives the same outputs
+        assert (fast(x.contiguous(memory_format=torch.channels_last)) - small(x)).abs().max() < 1e-5
+    with pytest.raises(PrunelabError, match="already compact"):
+        structure.compact(small, x)
+
+
+def test_compact_gathers_the_input_pixels_of_an_mlp():
+    model = prunelab.build_model("lenet300-100", seed=0)
+    columns = torch.ones(300, 784, dtype=torch.bool)
+    columns[:, :200] = False  # PFP may drop input pixels (FCNet's input mask)
+    masking.attach(model, {"fc1.weight": columns})
+    small, report = _compact_ok(model, _batch("lenet300-100"), "lenet300-100")
+    assert isinstance(small.fc1, structure.GatheredLinear) and small.fc1.in_features == 584
+    assert small.fc1.input_index.tolist() == list(range(200, 784))
+    assert report.params_after == report.params_before - 200 * 300
+
+
 def test_dead_neurons_with_live_biases_are_folded():
     """NNrelief-style: only the weight rows are masked; the neurons output relu(bias) != 0."""
     model = prunelab.build_model("lenet300-100", seed=0)
@@ -187,6 +230,8 @@ def test_save_and_load_compact_round_trip(tmp_path, name):
     model = _randomise_batchnorm(prunelab.build_model(name, seed=0))
     x = _batch(name)
     prunelab.prune(model, "softnet", 0.5, data=_pair(x))
+    if name == "resnet20":
+        _mask_stream_inputs(model)  # a gathered layer must be rebuilt by the plan too
     small, report = structure.compact(model, x, name=name)
     path = tmp_path / "small.safetensors"
     structure.save_compact(path, small, report.plan)
@@ -196,6 +241,8 @@ def test_save_and_load_compact_round_trip(tmp_path, name):
         assert torch.equal(loaded(x), small.eval()(x))
     assert {n: m.shape for n, m in prunelab.masks(loaded).items()} == {n: m.shape for n, m in prunelab.masks(small).items()}
     assert report.plan["kept"]  # per-layer kept indices
+    if name == "resnet20":
+        assert isinstance(loaded.layer1[0].conv1, structure.GatheredConv2d)
     with pytest.raises(PrunelabError, match="architecture"):
         structure.save_compact(path, small, {**report.plan, "model": None})
 

@@ -47,12 +47,11 @@ def _build_parser() -> argparse.ArgumentParser:
         else:
             metavar = "N,N,..." if kind is list else kind.__name__.upper()
             run.add_argument(flag, dest=name, metavar=metavar, default=argparse.SUPPRESS, help=HELP[name])
-    from .methods import list_methods
-    for method in list_methods():
-        for option in method.flags:
-            run.add_argument(f"--{option.replace('_', '-')}", dest=option, metavar="VALUE", default=argparse.SUPPRESS,
-                             help=f"{method.name}: method option {option} "
-                                  f"(default {method.options.get(option)})")
+    from .methods import get_method, method_flags
+    for option, names in method_flags().items():  # one flag per option name, shared by the methods that have it
+        defaults = "; ".join(f"{n}: default {get_method(n).options.get(option)}" for n in names)
+        run.add_argument(f"--{option.replace('_', '-')}", dest=option, metavar="VALUE", default=argparse.SUPPRESS,
+                         help=f"method option {option} ({defaults})")
     run.add_argument("--quiet", action="store_true", help="print only the result table")
 
     listing = commands.add_parser("list", help="list models, datasets or methods")

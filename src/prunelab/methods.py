@@ -69,9 +69,14 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def method_flags() -> dict[str, str]:
-    """``{option: method}`` for every option a method exposes as a top-level key / flag."""
-    return {flag: m.name for m in list_methods() for flag in m.flags}
+def method_flags() -> dict[str, tuple[str, ...]]:
+    """``{option: methods}`` for every option a method exposes as a top-level key / flag (``mode`` is
+    shared by isparse and pfp; the run's method decides whose it is)."""
+    flags: dict[str, tuple[str, ...]] = {}
+    for m in list_methods():
+        for flag in m.flags:
+            flags[flag] = (*flags.get(flag, ()), m.name)
+    return flags
 
 
 def list_methods() -> list[Method]:

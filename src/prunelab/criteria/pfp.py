@@ -68,7 +68,9 @@ sensitivities are recomputed on the current network, dead channels have s = 0 an
 Options: ``mode``, ``delta`` (delta_S = delta_failure; 1e-16 = the code's default and CIFAR value; the
 paper's configs use 1e-12 for LeNet-300-100 and 1e-9 for LeNet-5), ``points`` (|S|; None = from delta),
 ``batch_size`` (None = 64 for single-channel inputs, PFP's MNIST batch, else 128), ``c`` (3),
-``target``, ``mask_bias``.
+``target``, ``mask_bias``, and ``round_to`` (ours, default 1 = the paper): each layer's in_l(eps) is
+rounded to the nearest multiple of it (at least one multiple; layers no wider than it are left alone),
+so that compact layers have channel counts the CPU's vector kernels handle well (8 or 16).
 """
 
 from __future__ import annotations
@@ -320,6 +322,7 @@ class _Layer:
     alive: torch.Tensor | None = None    # units with at least one unmasked weight column
     total: float = 0.0
     alpha: float = 0.0
+    round_to: int = 1
 
     def kept_units(self, log_eps: float) -> int:
         n_alive = int(self.alive.sum())
@@ -328,7 +331,10 @@ class _Layer:
         log_m = _log_draws(log_eps, self.total, self.alpha)
         draws = math.exp(log_m) if log_m < 700 else float("inf")
         unique = expected_unique(self.sensitivity / self.total, draws)
-        return max(1, min(n_alive, math.ceil(unique - 1e-9)))
+        kept = max(1, min(n_alive, math.ceil(unique - 1e-9)))
+        if self.round_to > 1 and n_alive > self.round_to:  # nearest multiple: still monotone in eps
+            kept = min(n_alive, self.round_to * max(1, round(kept / self.round_to)))
+        return kept
 
 
 @dataclass
@@ -574,7 +580,7 @@ class _Selector:
 
 
 def check_options(*, mode="deterministic", delta=1e-16, points=None, batch_size=None, c=3.0, target="weights",
-                  **_) -> None:
+                  round_to=1, **_) -> None:
     """PrunelabError for a bad option value (also called by the lab before a run starts)."""
     if mode not in MODES:
         raise PrunelabError(f"pfp option mode must be one of: {', '.join(MODES)}; got {mode!r}")
@@ -584,7 +590,7 @@ def check_options(*, mode="deterministic", delta=1e-16, points=None, batch_size=
         raise PrunelabError(f"pfp option delta must be in (0, 1), got {delta!r}")
     if isinstance(c, bool) or not isinstance(c, (int, float)) or c <= 0:
         raise PrunelabError(f"pfp option c must be a positive number, got {c!r}")
-    for key, value in (("points", points), ("batch_size", batch_size)):
+    for key, value in (("points", points), ("batch_size", batch_size), ("round_to", round_to)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise PrunelabError(f"pfp option {key} must be a positive integer, got {value!r}")
 
@@ -593,10 +599,11 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
          generator: torch.Generator, alive: Mapping[str, torch.Tensor] | None = None,
          mode: str = "deterministic", delta: float = 1e-16, points: int | None = None,
          batch_size: int | None = None, c: float = 3.0, target: str = "weights",
-         mask_bias: bool = True) -> PFPPlan:
+         mask_bias: bool = True, round_to: int = 1) -> PFPPlan:
     """Compute PFP's masks for ``sparsity`` without touching the model (see the module docstring)."""
     sparsity = check_sparsity(sparsity)
-    check_options(mode=mode, delta=delta, points=points, batch_size=batch_size, c=c, target=target)
+    check_options(mode=mode, delta=delta, points=points, batch_size=batch_size, c=c, target=target,
+                  round_to=round_to)
     if data is None:
         raise PrunelabError("method 'pfp' needs data to score (pass data=...)")
     alive = dict(alive or {})
@@ -632,6 +639,7 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
         layer.sensitivity = s.masked_fill(~layer.alive, 0.0)
         layer.total = float(layer.sensitivity.sum())
         layer.alpha = _alpha(layer.patches, layer.kernel, delta, c)
+        layer.round_to = round_to
 
     selector = _Selector(model, params, graph, layers, alive, mode, mask_bias, target, generator)
     goal_total = selector.prunable_total if target == "weights" else selector.total_params
@@ -679,13 +687,14 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
 
 
 def pfp_pruner(model, params, *, sparsity, scope, alive, data, generator, mode="deterministic", delta=1e-16,
-               points=None, batch_size=None, c=3.0, target="weights", mask_bias=True, **_):
+               points=None, batch_size=None, c=3.0, target="weights", mask_bias=True, round_to=1, **_):
     """The ``pfp`` method: compute the plan, rescale sampled channels in place, return the masks."""
     if scope != "global":
         raise PrunelabError(f"pfp allocates channels across layers itself (one error level): scope must be "
                             f"'global', got {scope!r}")
     result = plan(model, params, data, sparsity, generator=generator, alive=alive, mode=mode, delta=delta,
-                  points=points, batch_size=batch_size, c=c, target=target, mask_bias=mask_bias)
+                  points=points, batch_size=batch_size, c=c, target=target, mask_bias=mask_bias,
+                  round_to=round_to)
     if result.scales:
         all_params = dict(model.named_parameters())
         with torch.no_grad():
@@ -721,6 +730,7 @@ def pfp_scores(model, params, *, data, generator, points=None, batch_size=None, 
 register(Method("pfp", "Provable Filter Pruning: data-informed channel sensitivity, one error level for all "
                        "layers (Liebenwein et al.)", pfp_scores, scope="global", when="trained", needs_data=True,
                 options={"mode": "deterministic", "delta": 1e-16, "points": None, "batch_size": None, "c": 3.0,
-                         "target": "weights", "mask_bias": True},
+                         "target": "weights", "mask_bias": True, "round_to": 1},
                 pruner=pfp_pruner, structured=True, validate=lambda options: check_options(**options),
+                flags=("mode", "delta", "round_to"),
                 paper="Liebenwein et al., ICLR 2020"))
