@@ -4,12 +4,13 @@
 
 Builds ResNet-56 (option A) for CIFAR-10, prunes it with PFP channel masks (S drawn from the CIFAR-10
 training split) at the prune ratio whose physically smaller model removes ``--fr`` of the FLOPs (found
-by bisection), compacts it (``prunelab.compact``, outputs checked against the masked model; layers whose masked
-input channels are still read elsewhere gather their used inputs) and times both models at batch 64
-with ``torch.utils.benchmark`` for each thread count, in both memory layouts (contiguous NCHW and
-channels-last), and reports each model in its faster layout. FLOPs and latency depend
-only on the channel counts, but which channels PFP keeps depends on the weights: ``--train-epochs N``
-trains the network briefly first (a full CIFAR schedule does not fit this CPU). Writes benchmarks/results/pfp_resnet56_speed.json.
+by bisection), compacts it (``prunelab.compact``, outputs checked against the masked model; layers whose
+masked input channels are still read elsewhere gather their used inputs) and times both models at batch
+64 with ``torch.utils.benchmark`` for each thread count, in both memory layouts (contiguous NCHW and
+channels-last), and reports each model in its faster layout. FLOPs and latency depend only on the
+channel counts, but which channels PFP keeps depends on the weights: ``--train-epochs N`` trains the
+network briefly first (a full CIFAR schedule does not fit this CPU). ``--round-to 8`` sets PFP's
+round_to option. Writes benchmarks/results/pfp_resnet56_speed[_pfec][_roundN].json.
 """
 
 from __future__ import annotations
@@ -97,8 +98,10 @@ def main() -> None:
                    for k in ("dense", "small")}
         timings[f"{threads}/fastest"] = {**fastest, "speedup": fastest["dense"] / fastest["small"]}
         print(f"{threads} thread(s), each model in its faster layout: dense {fastest['dense']:.1f} ms, "
-              f"compact {fastest['small']:.1f} ms, speed-up {fastest['dense'] / fastest['small']:.2f}x", flush=True)
-    widths = {n: [m.in_channels, m.out_channels] for n, m in small.named_modules() if isinstance(m, torch.nn.Conv2d)}
+              f"compact {fastest['small']:.1f} ms, speed-up {fastest['dense'] / fastest['small']:.2f}x",
+              flush=True)
+    widths = {n: [m.in_channels, m.out_channels] for n, m in small.named_modules()
+              if isinstance(m, torch.nn.Conv2d)}
     result = {"benchmark": "pfp_resnet56_speed", "model": "resnet56", "train_epochs": args.train_epochs,
               "method": args.method, "round_to": args.round_to, "ratio": ratio, "fr": costs["fr"],
               "pr": costs["pr"], "params": costs["params"], "flops": costs["flops"],
@@ -106,7 +109,8 @@ def main() -> None:
               "conv_channels_in_out": widths, "batch": args.batch, "latency_ms": timings,
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}}
-    suffix = ("" if args.method == "pfp" else f"_{args.method}") + (f"_round{args.round_to}" if args.round_to > 1 else "")
+    suffix = ("" if args.method == "pfp" else f"_{args.method}") \
+        + (f"_round{args.round_to}" if args.round_to > 1 else "")
     checkpoint.write_json(ROOT / "benchmarks" / "results" / f"pfp_resnet56_speed{suffix}.json", result)
 
 

@@ -256,8 +256,6 @@ def channel_masks(model: nn.Module, graph: ChannelGraph, removed: Mapping[int, I
     return masks
 
 
-# --- compaction -----------------------------------------------------------------------------------------
-
 # --- layers that read a subset of their input channels ------------------------------------------------
 
 def _select_channels(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -308,6 +306,8 @@ def _gather_inputs(module: nn.Module, index: list[int]) -> None:
         module.in_features = len(index)
     module.__class__ = _GATHERED[type(module)]
 
+
+# --- compaction -----------------------------------------------------------------------------------------
 
 @dataclass
 class CompactReport:
@@ -392,8 +392,8 @@ def compact(model: nn.Module, example_input: torch.Tensor, tolerance: float = 1e
     check together with a seeded standard-normal batch of the same shape). ``name``/``options``: the
     ``build_model`` name and keyword options of the architecture, recorded in the plan so that
     :func:`load_compact` can rebuild it. ``gather_inputs``: layers left with zero input slices read only
-    their used channels (see the module docstring). The input model is not modified. Masks of surviving weights are
-    carried over (re-indexed). Raises PrunelabError if the outputs differ by more than
+    their used channels (see the module docstring). The input model is not modified. Masks of surviving
+    weights are carried over (re-indexed). Raises PrunelabError if the outputs differ by more than
     ``tolerance * max(1, max |output|)``: removing zero terms changes the order of floating-point sums, so
     the exact difference grows with the size of the outputs (trained logits of 10-30 give a few 1e-6).
     """
