@@ -34,9 +34,12 @@ What benchmarks/results/snip_lenet.* hold was run on the shared 2-core CPU with 
 and ``--threads 1`` (another job was using the other core):
 
     python benchmarks/snip_lenet.py --part timing
-    python benchmarks/snip_lenet.py --threads 1 --part lenet300 --iterations 100000
-    python benchmarks/snip_lenet.py --threads 1 --part lstm --lstm-iterations 8100 --reference-seeds 0 1
-    python benchmarks/snip_lenet.py --threads 1 --part lenet5 --iterations 6000
+    python benchmarks/snip_lenet.py --threads 1 --part lenet300 --iterations 100000 [--keep-best]
+    python benchmarks/snip_lenet.py --threads 1 --part lenet300 --iterations 100000 --include-bias --reinit --targets 0.95 0.98
+    python benchmarks/snip_lenet.py --threads 1 --part lenet5 --iterations 6000 --targets 0
+    python benchmarks/snip_lenet.py --threads 1 --part lenet5 --iterations 30000 --targets 0.98 0.99 [--keep-best]
+    python benchmarks/snip_lenet.py --threads 1 --part lstm --lstm-iterations 32400 --targets 0.95 --keep-best
+    python benchmarks/snip_lenet.py --threads 1 --part lstm --lstm-iterations 32400 --targets 0 --reference-seeds 0 --keep-best
 """
 
 from __future__ import annotations
@@ -198,7 +201,8 @@ def markdown(data: dict) -> str:
               "* Sparsity is over conv/linear weights (biases dense); init `vs` (TensorFlow's "
               "`variance_scaling_initializer()`, the SNIP code's default); 10% of the training set held out; "
               "SNIP scores one batch of 100; training starts from the scored weights. The test error is that "
-              "of the final weights: the test set chooses nothing.",
+              "of the final weights, or in rows marked \"best validation epoch\" of the epoch with the lowest "
+              "validation error (`--keep-best`): the test set chooses nothing.",
               "* The LeNet parts use SGD momentum 0.9, lr 0.1 x0.1 every iterations/4, weight decay 5e-4, "
               "batch 100 (paper section 5). Exception: the dense LeNet-5-Caffe diverges (NaN in epoch 1) at "
               "lr 0.1 with or without momentum, so its reference uses lr 0.01; the SNIP nets train at 0.1.",
@@ -206,7 +210,7 @@ def markdown(data: dict) -> str:
               "hidden 128 with a 28->128 input projection (137k parameters, as the paper's LSTM-s).",
               "* Differences from the official code (namhoonlee/snip-public): its `test.py` reports the *best* "
               "test accuracy over the last saved checkpoints (not replicated: the test set chooses nothing "
-              "here); it trains a fresh draw of the weights (`weights_ap`) under the mask, not the scored ones "
+              "here; `--keep-best` is the analogue with validation choosing); it trains a fresh draw of the weights (`weights_ap`) under the mask, not the scored ones "
               "(`--reinit`), and it scores and prunes the biases too (`--include-bias`): the rows marked "
               "\"biases pruned, fresh draw\" ran both and are no better; it initialises biases with variance "
               "scaling before pruning (`--initializer_b_bp vs` is the default; ours start at 0, so a pruned "
