@@ -210,8 +210,8 @@ def markdown(data: dict) -> str:
               "hidden 128 with a 28->128 input projection (137k parameters, as the paper's LSTM-s).",
               "* Differences from the official code (namhoonlee/snip-public): its `test.py` reports the *best* "
               "test accuracy over the last saved checkpoints (not replicated: the test set chooses nothing "
-              "here; `--keep-best` is the analogue with validation choosing); it trains a fresh draw of the weights (`weights_ap`) under the mask, not the scored ones "
-              "(`--reinit`), and it scores and prunes the biases too (`--include-bias`): the rows marked "
+              "here; `--keep-best` is the analogue with validation choosing); it trains a fresh draw of the "
+              "weights (`weights_ap`) under the mask, not the scored ones (`--reinit`), and it scores and prunes the biases too (`--include-bias`): the rows marked "
               "\"biases pruned, fresh draw\" ran both and are no better; it initialises biases with variance "
               "scaling before pruning (`--initializer_b_bp vs` is the default; ours start at 0, so a pruned "
               "bias scores 0) and with zeros for training; its default optimizer is plain SGD "

@@ -590,10 +590,10 @@ def check_options(*, mode="deterministic", delta=1e-16, points=None, batch_size=
         raise PrunelabError(f"pfp option delta must be in (0, 1), got {delta!r}")
     if isinstance(c, bool) or not isinstance(c, (int, float)) or c <= 0:
         raise PrunelabError(f"pfp option c must be a positive number, got {c!r}")
-    for key, value, optional in (("points", points, True), ("batch_size", batch_size, True),
-                                 ("round_to", round_to, False)):
-        if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)
-                                                    or value < 1):
+    integers = {"points": points, "batch_size": batch_size}  # None: derived from the data
+    integers = {key: value for key, value in integers.items() if value is not None} | {"round_to": round_to}
+    for key, value in integers.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PrunelabError(f"pfp option {key} must be a positive integer, got {value!r}")
 
 
