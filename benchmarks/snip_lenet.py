@@ -80,7 +80,7 @@ def config_for(model: str, options: dict, sparsity: float, overrides: dict, seed
     lstm = model == "lstm"
     iterations = args.lstm_iterations if lstm else args.iterations
     common = dict(model=model, model_options=dict(options), method="snip" if sparsity else "none",
-                  sparsity=sparsity, init="vs", include_bias=args.include_bias and bool(sparsity),
+                  sparsity=sparsity, init=args.init, include_bias=args.include_bias and bool(sparsity),
                   reinit=args.reinit and bool(sparsity), data_root=args.data_root, val_fraction=0.1,
                   epochs=None, iterations=iterations, batch_size=100, seed=seed, threads=args.threads,
                   latency=False, keep_best=args.keep_best)
@@ -94,7 +94,7 @@ def config_for(model: str, options: dict, sparsity: float, overrides: dict, seed
     name = f"{model}_{'dense' if not sparsity else f'snip{sparsity:g}'}_{iterations}it" \
            + "".join(f"_{k}{v:g}" for k, v in overrides.items()) \
            + ("_bias" if common["include_bias"] else "") + ("_reinit" if common["reinit"] else "") \
-           + ("_best" if args.keep_best else "") + f"_s{seed}"
+           + ("_best" if args.keep_best else "") + ("" if args.init == "vs" else f"_{args.init}") + f"_s{seed}"
     return RunConfig(**common, out=str(Path(args.runs) / name))
 
 
@@ -185,7 +185,8 @@ def markdown(data: dict) -> str:
             schedule = f"Adam lr {row['lr']:g}, x{row['gamma']:g} at {row['milestones']}"
         name = row["model"] + (" (embed)" if row["model_options"].get("embed") else "")
         variant = [v for v, on in (("biases pruned", row["include_bias"]), ("fresh draw", row["reinit"]),
-                                   ("best validation epoch", row.get("keep_best"))) if on]
+                                   ("best validation epoch", row.get("keep_best")),
+                                   (f"init {row['init']}", row["init"] != "vs")) if on]
         name += f" ({', '.join(variant)})" if variant else ""
         target = "dense" if not row["target_sparsity"] else f"{100 * row['target_sparsity']:g}%"
         paper = "–" if row["paper_error_pct"] is None else f"{row['paper_error_pct']:g}"
@@ -233,6 +234,9 @@ def main() -> None:
                         help="run only these sparsities of each part (0 = the dense reference)")
     parser.add_argument("--include-bias", action="store_true", help="prune biases too (official SNIP code)")
     parser.add_argument("--reinit", action="store_true", help="train from a fresh draw (official SNIP code)")
+    parser.add_argument("--init", default="vs", choices=["vs", "vs-h", "vs-x"],
+                        help="initialisation (vs: the official code's default; the paper's Table 3 found vs-h "
+                             "marginally best)")
     parser.add_argument("--keep-best", action="store_true",
                         help="end on the epoch with the lowest validation error (the official code reports "
                              "its best test checkpoint; here validation chooses)")

@@ -256,3 +256,18 @@ def test_structured_metrics():
     assert 0.5 < m["pr"] < 0.9 and 0.5 < m["fr"] < 0.9
     assert m["params"]["dense"] == 431080
     assert m["latency_ms"]["dense"] > 0 and m["latency_ms"]["small"] > 0
+
+
+def test_lab_structured_run_times_both_layouts(tmp_path, data_root):
+    from prunelab.lab.config import RunConfig
+    from prunelab.lab.run import format_result, run
+
+    cfg = RunConfig(model="lenet5-caffe", method="pfec", sparsity=0.5, iterations=5, data_root=str(data_root),
+                    out=str(tmp_path / "r"))
+    result = run(cfg, progress=False, echo=None)
+    st = result["structured"]
+    assert st["compact_max_abs_diff"] < 1e-4 and 0.5 < st["fr"] < 0.9
+    assert st["latency_ms"]["layout"] == "contiguous" and st["latency_ms"]["batch"] == 1
+    assert st["latency_ms_channels_last"]["layout"] == "channels_last"
+    assert st["latency_ms_channels_last"]["small"] > 0
+    assert "channels-last" in format_result(result)

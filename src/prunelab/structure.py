@@ -719,9 +719,7 @@ def structured_metrics(dense: nn.Module, small: nn.Module, example: torch.Tensor
     * ``fr`` = 1 - FLOPs(small) / FLOPs(dense), one example, ``metrics.module_flops``.
     * ``latency_ms``: ``metrics.latency_ms`` on ``example`` (its batch size) with ``threads`` threads, for
       both models without mask hooks, in three alternating rounds; the median round of each is reported.
-      ``channels_last=True`` times both in the channels-last layout (image inputs), which oneDNN runs
-      faster on many CPUs than the default one, most of all for channel counts that are not a multiple
-      of 8 or 16.
+      ``channels_last=True`` times both in the channels-last layout (see ``compare_latency``).
     """
     p_dense = sum(p.numel() for p in dense.parameters())
     p_small = sum(p.numel() for p in small.parameters())
@@ -737,23 +735,34 @@ def structured_metrics(dense: nn.Module, small: nn.Module, example: torch.Tensor
         "latency_ms": None,
     }
     if latency:
-        plain_dense, plain_small = masking.copy_model(dense), masking.copy_model(small)
-        masking.make_permanent(plain_dense)  # no mask hooks in the timed forward pass
-        masking.make_permanent(plain_small)
-        if channels_last:
-            if example.dim() != 4:
-                raise PrunelabError("channels_last timing needs an image batch (N, C, H, W)")
-            plain_dense = plain_dense.to(memory_format=torch.channels_last)
-            plain_small = plain_small.to(memory_format=torch.channels_last)
-            example = example.contiguous(memory_format=torch.channels_last)
-        # alternate the two models over a few rounds, so a slow spell of a shared machine hits both
-        rounds = [(metrics.latency_ms(plain_dense, example, threads=threads, min_run_time=min_run_time / 3),
-                   metrics.latency_ms(plain_small, example, threads=threads, min_run_time=min_run_time / 3))
-                  for _ in range(3)]
-        ld = sorted(r[0] for r in rounds)[1]
-        ls = sorted(r[1] for r in rounds)[1]
-        result["latency_ms"] = {"dense": ld, "small": ls, "speedup": ld / ls if ls else None,
-                                "batch": int(example.shape[0]), "threads": threads,
-                                "layout": "channels_last" if channels_last else "contiguous",
-                                "rounds": [list(r) for r in rounds]}
+        result["latency_ms"] = compare_latency(dense, small, example, threads=threads, min_run_time=min_run_time,
+                                               channels_last=channels_last)
     return result
+
+
+def compare_latency(dense: nn.Module, small: nn.Module, example: torch.Tensor, *, threads: int = 1,
+                    min_run_time: float = 0.3, channels_last: bool = False) -> dict[str, Any]:
+    """Median CPU latency (ms) of two models on ``example`` (its batch size), and the speed-up dense/small.
+
+    Both run without mask hooks, alternating over three rounds so that a slow spell of a shared machine
+    hits both; the median round of each is reported. ``channels_last=True`` times both in the
+    channels-last layout (image inputs only), which oneDNN runs faster on many CPUs than the default
+    one, most of all for channel counts that are not a multiple of 8 or 16.
+    """
+    plain_dense, plain_small = masking.copy_model(dense), masking.copy_model(small)
+    masking.make_permanent(plain_dense)
+    masking.make_permanent(plain_small)
+    if channels_last:
+        if example.dim() != 4:
+            raise PrunelabError("channels_last timing needs an image batch (N, C, H, W)")
+        plain_dense = plain_dense.to(memory_format=torch.channels_last)
+        plain_small = plain_small.to(memory_format=torch.channels_last)
+        example = example.contiguous(memory_format=torch.channels_last)
+    rounds = [(metrics.latency_ms(plain_dense, example, threads=threads, min_run_time=min_run_time / 3),
+               metrics.latency_ms(plain_small, example, threads=threads, min_run_time=min_run_time / 3))
+              for _ in range(3)]
+    dense_ms = sorted(r[0] for r in rounds)[1]
+    small_ms = sorted(r[1] for r in rounds)[1]
+    return {"dense": dense_ms, "small": small_ms, "speedup": dense_ms / small_ms if small_ms else None,
+            "batch": int(example.shape[0]), "threads": threads,
+            "layout": "channels_last" if channels_last else "contiguous", "rounds": [list(r) for r in rounds]}

@@ -361,6 +361,9 @@ class Run:
                    "kept_constant_channels": len(report.kept_constant)}
         if cfg.latency:
             summary["latency_ms"] = costs["latency_ms"]
+            if example.dim() == 4:  # oneDNN is often faster channels-last: the fair layout for both models
+                summary["latency_ms_channels_last"] = structure.compare_latency(model, small, example,
+                                                                                channels_last=True)
         return summary
 
     def _finish(self, state: dict) -> dict:
@@ -428,8 +431,11 @@ def format_result(result: dict) -> str:
                      f"{st['compact_max_abs_diff']:.1e}")
         if st.get("latency_ms"):
             lat = st["latency_ms"]
-            lines.append(f"latency dense {lat['dense']:.3f} ms -> compact {lat['small']:.3f} ms "
-                         f"({lat['speedup']:.2f}x)")
+            line = f"latency dense {lat['dense']:.3f} ms -> compact {lat['small']:.3f} ms ({lat['speedup']:.2f}x)"
+            if st.get("latency_ms_channels_last"):
+                cl = st["latency_ms_channels_last"]
+                line += f"; channels-last {cl['dense']:.3f} -> {cl['small']:.3f} ms ({cl['speedup']:.2f}x)"
+            lines.append(line + f" (batch {lat['batch']}, threads {lat['threads']})")
     timing = f"time: pruning {result['time_s']['prune']:.2f} s, training {result['time_s']['train']:.1f} s"
     if result.get("latency_ms"):
         timing += f"; latency {result['latency_ms']['dense_kernels']:.3f} ms (batch 1, 1 thread, dense kernels)"
