@@ -56,6 +56,16 @@ BAD = [
     (["--method", "magnitude"], ["no model given", "lenet300-100"]),
     (["--model", "lenet300-100", "--method", "snip", "--sparsity", "0.9", "--method-option", "bn=eval"],
      ["unknown option(s) bn for method 'snip'", "bn_mode"]),
+    (["--model", "lenet300-100", "--lr", "-1"], ["lr must be > 0, got -1.0"]),
+    (["--model", "lenet300-100", "--weight-decay=-1e-4"], ["weight_decay must be >= 0"]),
+    (["--model", "lenet300-100", "--nesterov", "--momentum", "0"], ["nesterov needs the sgd optimizer with momentum > 0"]),
+    (["--model", "lenet300-100", "--milestones", "2,3"], ["milestones apply to lr_schedule 'multistep', not 'constant'"]),
+    (["--model", "lenet300-100", "--device", "toaster"], ["invalid device 'toaster'"]),
+    (["--model", "lenet300-100", "--threads", "0"], ["threads must be >= 1"]),
+    (["--model", "lstm", "--method", "pfec", "--sparsity", "0.5"],
+     ["method 'pfec' prunes Linear and Conv2d layers only", "LSTM 'rnn'"]),
+    (["--model", "lenet300-100", "--method", "pfp", "--sparsity", "0.5", "--delta", "0.1", "--method-option",
+      "delta=0.2"], ["method option delta given twice"]),
 ]
 
 
@@ -77,6 +87,43 @@ def test_invalid_config_key_and_bad_toml(tmp_path, capsys):
     assert_usage_error(code, err, "not valid TOML")
     code, _, err = run_cli("run", str(tmp_path / "missing.toml"), capsys=capsys)
     assert_usage_error(code, err, "does not exist")
+    code, _, err = run_cli("run", str(tmp_path), capsys=capsys)  # a folder
+    assert_usage_error(code, err, "cannot read config file")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"model = \"\xff\xfe\"\n")
+    code, _, err = run_cli("run", str(binary), capsys=capsys)
+    assert_usage_error(code, err, "not valid TOML")
+    for text, message in (("method_options = 3", "invalid value for method_options: 3 (expected a table)"),
+                          ("milestones = [1.5, 2]", "invalid value for milestones"),
+                          ('method = "pfp"\ndelta = 0.1\n[method_options]\ndelta = 0.3',
+                           "method option delta given twice")):
+        config = tmp_path / "c.toml"
+        config.write_text(f'model = "lenet300-100"\n{text}\n')
+        code, _, err = run_cli("run", str(config), capsys=capsys)
+        assert_usage_error(code, err, message)
+
+
+def test_a_method_flag_overrides_the_config_files_table(tmp_path, capsys):
+    from prunelab.lab.config import fold_method_flags, read_toml
+    config = tmp_path / "c.toml"
+    config.write_text('model = "lenet300-100"\nmethod = "pfp"\nsparsity = 0.5\n[method_options]\ndelta = 0.3\n')
+    assert read_toml(config)["method_options"] == {"delta": 0.3}
+    code, _, err = run_cli("run", str(config), "--delta", "2", "--out", str(tmp_path / "r"), capsys=capsys)
+    assert_usage_error(code, err, "delta must be in (0, 1), got 2")  # the flag's value is the one checked
+    assert fold_method_flags({"delta": 0.1, "method_options": {"delta": 0.1}})["method_options"] == {"delta": 0.1}
+
+
+def test_plot_and_figure_outputs_are_checked_first(tmp_path, capsys):
+    code, _, err = run_cli("plot", str(tmp_path), "--out", str(tmp_path / "t.pdf"), capsys=capsys)
+    assert_usage_error(code, err, "this writes a PNG file; give a name ending in .png")
+    code, _, err = run_cli("figure", "snip", "--out", str(tmp_path), capsys=capsys)
+    assert_usage_error(code, err, "give a name ending in .png")
+    (tmp_path / "d.png").mkdir()
+    code, _, err = run_cli("figure", "snip", "--out", str(tmp_path / "d.png"), capsys=capsys)
+    assert_usage_error(code, err, "is a folder")
+    code, _, err = run_cli("figure", "snip", "--out", str(tmp_path / "f.png"), "--dataset", "cifar10", capsys=capsys)
+    assert_usage_error(code, err, "figure snip maps LeNet-300-100's 28x28 input pixels")
+    assert not (tmp_path / "f.png").exists()
 
 
 def test_model_with_no_prunable_layers(tmp_path, capsys, monkeypatch, data_root):
@@ -175,3 +222,15 @@ def test_method_flags_take_dashes_and_bad_values_stop_before_training(tmp_path, 
     code, _, err = run_cli("run", "--model", "lenet300-100", *argv, "--out", str(out), capsys=capsys)
     assert_usage_error(code, err, message)
     assert not out.exists()
+
+
+def test_corrupt_run_files_give_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "result.json").write_text("[1]")
+    code, _, err = run_cli("plot", str(run), "--out", str(tmp_path / "t.png"), capsys=capsys)
+    assert_usage_error(code, err, "result.json is corrupt: expected a JSON object, found list")
+    (run / "result.json").unlink()
+    (run / "state.json").write_text("[1]")
+    code, _, err = run_cli("run", "--model", "lenet300-100", "--out", str(run), capsys=capsys)
+    assert_usage_error(code, err, "state.json is corrupt")

@@ -200,7 +200,7 @@ def test_bad_options_are_named(options, message):
 
 def test_recurrent_layers_are_refused():
     model = prunelab.build_model("lstm", seed=0)
-    with pytest.raises(PrunelabError, match="relief scores Linear and Conv2d layers"):
+    with pytest.raises(PrunelabError, match="method .relief. prunes Linear and Conv2d layers only; rnn.weight_ih_l0 belongs to LSTM"):
         prunelab.prune(model, "relief", 0.0, torch.rand(8, 1, 28, 28))
 
 

@@ -65,8 +65,56 @@ def test_resume_equals_uninterrupted(tmp_path, data_root, monkeypatch):
 def test_resume_refuses_a_different_config(tmp_path, data_root):
     lab_run.run(config(tmp_path, data_root, epochs=1, finetune_epochs=0), echo=None)
     from prunelab.errors import PrunelabError
-    with pytest.raises(PrunelabError, match="different config"):
+    with pytest.raises(PrunelabError, match=r"different config \(sparsity 0.9 there, 0.5 here\)"):
         lab_run.run(config(tmp_path, data_root, epochs=1, finetune_epochs=0, sparsity=0.5), echo=None)
+
+
+def test_a_folder_that_holds_no_run_is_never_written(tmp_path, data_root):
+    from prunelab.errors import PrunelabError
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.toml").write_text("# my own notes\n")
+    with pytest.raises(PrunelabError, match="holds no prunelab run"):
+        lab_run.run(config(tmp_path, data_root, "mine", iterations=2, epochs=None), echo=None)
+    assert [p.name for p in mine.iterdir()] == ["config.toml"]
+    assert (mine / "config.toml").read_text() == "# my own notes\n"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(PrunelabError, match="is a file"):
+        lab_run.run(config(tmp_path, data_root, "afile", iterations=2, epochs=None), echo=None)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, data_root, monkeypatch):
+    cfg = config(tmp_path, data_root, "early_stop", iterations=3, epochs=None, method="none", sparsity=0.0)
+    monkeypatch.setattr(lab_run.Run, "_train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        lab_run.run(cfg, echo=None)
+    assert json.loads((tmp_path / "early_stop" / "state.json").read_text())["checkpoint"] is None
+    monkeypatch.undo()
+    result = lab_run.run(cfg, echo=None)
+    assert result["history"][-1]["steps"] == 3
+
+
+def test_rewind_early_rewinds_to_the_given_step(tmp_path, data_root):
+    common = dict(iterations=6, epochs=None, val_fraction=0.05, lr_schedule="constant")
+    dense = lab_run.run(config(tmp_path, data_root, "three", method="none", sparsity=0.0,
+                               **{**common, "iterations": 3}), echo=None)
+    assert dense["history"][-1]["steps"] == 3
+    lab_run.run(config(tmp_path, data_root, "early", rewind="early", rewind_iteration=3, **common), echo=None)
+    after_three, _ = checkpoint.load_tensors(tmp_path / "three" / "model.safetensors")
+    rewound, _ = checkpoint.load_tensors(tmp_path / "early" / "rewind.safetensors")
+    assert torch.equal(rewound["fc1.weight"], after_three["fc1.weight"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(rewind="early"), "needs rewind_iteration >= 1"),
+    (dict(rewind="init", rewind_iteration=5), "applies to rewind = 'early'"),
+    (dict(rewind="early", rewind_iteration=7), "past the end of pre-training"),
+])
+def test_rewind_iteration_is_checked_before_training(tmp_path, data_root, overrides, message):
+    from prunelab.errors import PrunelabError
+    with pytest.raises(PrunelabError, match=message):
+        lab_run.run(config(tmp_path, data_root, "bad", iterations=6, epochs=None, **overrides), echo=None)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_lottery_ticket_rewinds_to_init_and_keeps_masks(tmp_path, data_root):

@@ -245,6 +245,14 @@ def test_save_and_load_compact_round_trip(tmp_path, name):
         assert isinstance(loaded.layer1[0].conv1, structure.GatheredConv2d)
     with pytest.raises(PrunelabError, match="architecture"):
         structure.save_compact(path, small, {**report.plan, "model": None})
+    from prunelab import checkpoint
+    tensors = checkpoint.model_tensors(small)
+    checkpoint.save_tensors(path, tensors, {"compact": {k: v for k, v in report.plan.items() if k != "model"}})
+    with pytest.raises(PrunelabError, match="names no model"):
+        structure.load_compact(path)
+    checkpoint.save_tensors(path, tensors, ["not", "an", "object"])
+    with pytest.raises(PrunelabError, match="metadata is not a JSON object"):
+        structure.load_compact(path)
 
 
 def test_structured_metrics():

@@ -25,9 +25,23 @@ MASK_PREFIX = "mask::"
 OPTIM_PREFIX = "optim::"
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+def output_file(path: str | os.PathLike, suffix: str | None = None) -> Path:
+    """``path`` checked as a file to write (its folder is created), with a clear error when it cannot be:
+    a folder, a parent that is a file, or (``suffix``, e.g. ".png") a name in another format."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix and path.suffix.lower() != suffix:
+        raise PrunelabError(f"{path}: this writes a {suffix[1:].upper()} file; give a name ending in {suffix}")
+    if path.is_dir():
+        raise PrunelabError(f"{path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PrunelabError(f"cannot create the folder of {path}: {error.strerror or error}") from None
+    return path
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    path = output_file(path)
     payload = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -45,11 +59,16 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     atomic_write(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, kind: type | None = None) -> Any:
+    """The JSON value in ``path``; ``kind`` (e.g. dict) also checks its type."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PrunelabError(f"cannot read {path}: {error}") from None
+    if kind is not None and not isinstance(value, kind):
+        raise PrunelabError(f"{path} is corrupt: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                            f"found {type(value).__name__}")
+    return value
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
@@ -70,6 +89,8 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         meta = json.loads(header.get("__metadata__", {}).get("json", "{}"))
     except (OSError, SafetensorError, ValueError) as error:
         raise PrunelabError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(meta, dict):
+        raise PrunelabError(f"cannot read checkpoint {path}: its metadata is not a JSON object")
     return tensors, meta
 
 

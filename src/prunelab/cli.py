@@ -78,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.config:
         values.update(read_toml(args.config))
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
+    cli_options = {entry.partition("=")[0].strip() for entry in given.get("method_options", [])}
     for name in ("model_options", "method_options"):
         if name in given:
             table = dict(values.get(name) or {})
@@ -88,6 +89,10 @@ def _run(args: argparse.Namespace) -> int:
                 table[key.strip()] = option_value(text.strip())
             values[name] = table
     flags = method_flags()  # --lambda 1e-4 and the like: folded into method_options
+    for key in [k for k in given if k in flags]:
+        if key in cli_options:
+            raise PrunelabError(f"method option {key} given twice: --{key.replace('_', '-')} and --method-option")
+        (values.get("method_options") or {}).pop(key, None)  # the flag overrides the config file's table
     values.update({k: option_value(v) if k in flags else v for k, v in given.items()})
     values = fold_method_flags(values)
     if not values.get("model"):

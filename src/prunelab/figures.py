@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import masking, selection
+from .checkpoint import output_file
 from .criteria.snip import snip_scores
 from .errors import PrunelabError
 
@@ -98,9 +99,14 @@ def save_snip_figure(path: str | os.PathLike, dataset, sparsity: float | Sequenc
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    path = output_file(path, ".png")  # checked before any work
     sparsities = [sparsity] if isinstance(sparsity, (int, float)) else list(sparsity)
     for s in sparsities:
         selection.check_sparsity(s)
+    if batch_size < 1:
+        raise PrunelabError(f"batch_size must be >= 1, got {batch_size}")
+    if dpi < 1:
+        raise PrunelabError(f"dpi must be >= 1, got {dpi}")
     labels, maps = snip_class_maps(dataset, sparsities, classes, seed=seed, batch_size=batch_size,
                                    model=model, init=init)
     rows, cols = maps.shape[:2]
@@ -120,8 +126,6 @@ def save_snip_figure(path: str | os.PathLike, dataset, sparsity: float | Sequenc
                 ax.set_ylabel(f"{100 * sparsities[r]:g}%", fontsize=8)
     figure.suptitle(f"SNIP: retained first-layer connections per input pixel ({model}, batch {batch_size})",
                     fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(handle)
     try:
@@ -159,8 +163,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from .data import load_dataset
+    from .data import dataset_info, load_dataset
 
+    shape = tuple(dataset_info(args.dataset).input_shape)
+    if shape != (1, 28, 28):
+        raise PrunelabError(f"figure snip maps LeNet-300-100's 28x28 input pixels; dataset {args.dataset!r} "
+                            f"has inputs of shape {shape} (use mnist or fashion-mnist)")
     train, _, _ = load_dataset(args.dataset, root=args.data_root)
     maps = save_snip_figure(args.out, train, args.sparsity, args.classes, args.seed,
                             batch_size=args.batch_size, init=args.init, dpi=args.dpi)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import unknown
+from .errors import PrunelabError, unknown
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Method:
     retrain: bool = True
     when_from: Callable[[dict[str, Any]], str | None] | None = None
     validate: Callable[[dict[str, Any]], Any] | None = None  # checks option values before a run starts
+    layers: tuple[type, ...] | None = None  # module types whose weights it can prune; None: any prunable one
     paper: str = ""
 
 
@@ -67,6 +68,20 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise unknown("method", name, METHODS)
     return METHODS[name]
+
+
+def check_layers(method: Method, model: torch.nn.Module, params) -> None:
+    """Refuse a model whose prunable parameters sit in layers the method cannot prune (an LSTM for a
+    channel method), naming the first one: cheap enough to run before any training."""
+    if method.layers is None:
+        return
+    for name in params:
+        owner_name = name.rpartition(".")[0]
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if not isinstance(owner, method.layers):
+            kinds = " and ".join(t.__name__ for t in method.layers)
+            raise PrunelabError(f"method {method.name!r} prunes {kinds} layers only; {name} belongs to "
+                                f"{type(owner).__name__} {owner_name!r}")
 
 
 def method_flags() -> dict[str, tuple[str, ...]]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import masking, selection
 from .errors import PrunelabError
-from .methods import METHODS, Method, get_method, list_methods, register
+from .methods import METHODS, Method, check_layers, get_method, list_methods, register
 
 __all__ = ["LayerCollapseWarning", "Method", "PruneReport", "get_method", "list_methods", "prune",
            "register", "scores"]
@@ -57,6 +57,7 @@ def _prepare(model: nn.Module, method: str, data, include_bias: bool, options: d
         raise PrunelabError(f"unknown option(s) {', '.join(sorted(unknown_options))} for method "
                             f"{method!r}; allowed: {allowed}")
     params = masking.prunable_parameters(model, include_bias=include_bias)
+    check_layers(spec, model, params)
     return spec, params, {**spec.options, **options}
 
 

@@ -696,6 +696,8 @@ def load_compact(path: str | os.PathLike) -> nn.Module:
     plan = meta.get("compact")
     if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
         raise PrunelabError(f"{path} is not a compact model (no {PLAN_FORMAT} plan in its metadata)")
+    if not isinstance(plan.get("model"), str) or not isinstance(plan.get("model_options") or {}, dict):
+        raise PrunelabError(f"{path}: its plan names no model to rebuild (corrupt metadata)")
     kwargs = dict(plan.get("model_options") or {})
     if plan.get("num_classes") is not None:
         kwargs["num_classes"] = plan["num_classes"]

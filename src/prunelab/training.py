@@ -60,6 +60,17 @@ class TrainConfig:
             raise PrunelabError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr_schedule == "step" and self.step_size < 1:
             raise PrunelabError("lr_schedule 'step' needs step_size >= 1")
+        if not self.lr > 0:
+            raise PrunelabError(f"lr must be > 0, got {self.lr}")
+        for key in ("momentum", "weight_decay", "gamma", "warmup"):
+            if not getattr(self, key) >= 0:
+                raise PrunelabError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise PrunelabError("nesterov needs the sgd optimizer with momentum > 0")
+        if self.milestones and self.lr_schedule != "multistep":
+            raise PrunelabError(f"milestones apply to lr_schedule 'multistep', not {self.lr_schedule!r}")
+        if self.step_size and self.lr_schedule != "step":
+            raise PrunelabError(f"step_size applies to lr_schedule 'step', not {self.lr_schedule!r}")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.iterations if self.iterations is not None else self.epochs * steps_per_epoch

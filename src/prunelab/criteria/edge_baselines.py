@@ -112,12 +112,13 @@ def nisp_scores(model, params, *, data, generator, input_shape=None, output="one
 register(Method(
     "retrain-free", "local edge contribution mean|x_i w_ij|, per layer, no retraining (Ashouri et al. 2018, "
     "as characterised by iSparse)", retrain_free_scores, scope="layer", when="trained", retrain=False,
-    options={"examples": 1000, "batch_size": 250}, paper="Ashouri et al., NeurIPS-2018 CDNNRIA workshop"))
+    options={"examples": 1000, "batch_size": 250}, layers=(nn.Linear, nn.Conv2d), paper="Ashouri et al., NeurIPS-2018 CDNNRIA workshop"))
 register(Method(
     "nisp", "neuron importance propagated from the output with |W|; least important neurons/channels "
     "per layer (Yu et al. 2018)", nisp_scores, scope="layer", when="trained", pruner=nisp_pruner,
     structured=True, options={"mask_bias": True, "input_shape": None, "output": "ones", "examples": 1000,
-                              "batch_size": 250}, paper="Yu et al., CVPR 2018"))
+                              "batch_size": 250}, layers=(nn.Linear, nn.Conv2d),
+    paper="Yu et al., CVPR 2018"))
 register(Method(
     "dropconnect", "random edges, the same fraction in every layer, no retraining (Wan et al. 2013 as "
     "iSparse's competitor)", random_scores, scope="layer", when="trained", retrain=False,

@@ -160,7 +160,9 @@ _OPTIONS = {"mask_bias": True, "input_shape": None}
 
 register(Method("pfec", "L1-norm filter pruning, uniform fraction of channels per layer (Li et al.; PFP's FT)",
                 _criterion(1, "pfec"), scope="layer", options=dict(_OPTIONS), pruner=_pruner(1, "pfec"), structured=True,
+                layers=(nn.Linear, nn.Conv2d),
                 paper="Li et al., ICLR 2017"))
 register(Method("softnet", "L2-norm filter pruning, uniform fraction of channels per layer (He et al. 2018)",
                 _criterion(2, "softnet"), scope="layer", options=dict(_OPTIONS), pruner=_pruner(2, "softnet"), structured=True,
+                layers=(nn.Linear, nn.Conv2d),
                 paper="He et al., IJCAI 2018"))

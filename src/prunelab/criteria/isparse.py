@@ -418,4 +418,5 @@ register(Method(
     "isparse", "output-informed edge significance mean|x_i| |w_ij| N_j, per layer (Garg & Candan 2020; "
     "score reconstructed)", isparse_scores, scope="layer", when="trained", options=dict(DEFAULTS),
     schedule=_schedule, flags=("mode",), retrain=False, when_from=when_from, validate=check_options,
+    layers=(nn.Linear, nn.Conv2d),
     paper="Garg & Candan, ICMR 2020 / OpenReview ryefmpEYPr (score reconstructed, methods.md 5.1)"))

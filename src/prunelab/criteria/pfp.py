@@ -734,5 +734,5 @@ register(Method("pfp", "Provable Filter Pruning: data-informed channel sensitivi
                 options={"mode": "deterministic", "delta": 1e-16, "points": None, "batch_size": None, "c": 3.0,
                          "target": "weights", "mask_bias": True, "round_to": 1},
                 pruner=pfp_pruner, structured=True, validate=lambda options: check_options(**options),
-                flags=("mode", "delta", "round_to"),
+                flags=("mode", "delta", "round_to"), layers=(nn.Linear, nn.Conv2d),
                 paper="Liebenwein et al., ICLR 2020"))

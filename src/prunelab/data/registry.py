@@ -279,7 +279,12 @@ def _ensure_files(spec: _Spec, folder: Path, download: bool, base_url: str | Non
                 f"{len(spec.files)} files missing) and download is disabled; allow downloading "
                 f"(from {bases[0]}) or put the files in {folder} (data root: root= or $PRUNELAB_DATA)"
             )
-        _download(spec, folder, missing, bases)
+        try:
+            _download(spec, folder, missing, bases)
+        except PrunelabError as error:  # say where the files were looked for, not only what was tried
+            raise PrunelabError(f"{spec.info.name} file {folder / missing[0]} is missing ({len(missing)} of "
+                                f"{len(spec.files)} missing) and {error}; put the files in {folder} or point "
+                                "the data root (root= or $PRUNELAB_DATA) at a folder holding them") from None
     stats = [(rel, (folder / rel).stat()) for rel in spec.files]
     return tuple((rel, st.st_size, st.st_mtime_ns) for rel, st in stats)
 

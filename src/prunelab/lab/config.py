@@ -126,6 +126,9 @@ def coerce(name: str, value: Any) -> Any:
             return float(value)
         if kind is list:
             items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or any(
+                    isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in items):
+                raise TypeError
             return [int(v) for v in items if str(v).strip() != ""]
         if kind is dict:
             if not isinstance(value, dict):
@@ -148,8 +151,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             raw = tomllib.load(handle)
     except FileNotFoundError:
         raise PrunelabError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise PrunelabError(f"config file {path} is not valid TOML: {error}") from None
+    except OSError as error:
+        raise PrunelabError(f"cannot read config file {path}: {error.strerror or error}") from None
     return fold_method_flags(raw)
 
 
@@ -160,8 +165,14 @@ def fold_method_flags(values: dict[str, Any]) -> dict[str, Any]:
 
     flags = method_flags()
     values = dict(values)
-    options = dict(values.get("method_options") or {})
+    options = values.get("method_options") or {}
+    if not isinstance(options, dict):
+        raise PrunelabError(f"invalid value for method_options: {options!r} (expected a table)")
+    options = dict(options)
     for key in [k for k in values if k in flags and k not in FIELDS]:
+        if key in options and options[key] != values[key]:
+            raise PrunelabError(f"method option {key} given twice: {values[key]!r} as a key of its own and "
+                                f"{options[key]!r} in method_options")
         options[key] = values.pop(key)
     if options:
         values["method_options"] = options
@@ -216,7 +227,8 @@ HELP = {
     "model": "architecture (prunelab list models)",
     "dataset": "dataset (prunelab list datasets); default: the model's own",
     "method": "pruning method (prunelab list methods); 'none' trains the dense reference",
-    "sparsity": "target fraction of prunable weights removed, in [0, 1)",
+    "sparsity": "target fraction removed, in [0, 1): of the prunable weights, or for pfec, softnet and nisp "
+                "of each layer's channels (the weight sparsity that follows is reported)",
     "scope": "selection scope: global | layer (default: the method's)",
     "when": "init (prune, then train) | trained (train, prune, fine-tune) | during (the method prunes "
             "while training: lobster, isparse --mode train-with); default: the method's",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ..checkpoint import atomic_write, read_json
+from ..checkpoint import atomic_write, output_file, read_json
 from ..errors import PrunelabError
 
 
@@ -19,7 +19,7 @@ def trajectory(run_dir: str | Path) -> list[dict]:
     source = run_dir / "result.json" if (run_dir / "result.json").exists() else run_dir / "state.json"
     if not source.exists():
         raise PrunelabError(f"{run_dir} is not a run folder (no result.json or state.json)")
-    phases = [p for p in read_json(source).get("prune_events", [])
+    phases = [p for p in read_json(source, dict).get("prune_events", [])
               if "compression_ratio" in p and p.get("test_error") is not None]
     if not phases:
         raise PrunelabError(f"{source} records no pruning phase with a compression ratio and a test error")
@@ -33,6 +33,7 @@ def plot_trajectory(run_dirs: list[str | Path], out: str | Path, references: lis
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    out = output_file(out, ".png")  # checked before any work
     figure = Figure(figsize=(6, 4), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+import tomllib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ import torch
 from .. import __version__, checkpoint, masking, metrics, pruning, selection
 from ..data import dataset_info, load_dataset
 from ..errors import PrunelabError
+from ..methods import check_layers
 from ..models import build_model, model_info
 from ..training import Trainer, derive_seed, evaluate
 from .config import REWIND, SCOPES, WHEN, RunConfig, to_toml
@@ -87,8 +89,15 @@ def resolve(config: RunConfig) -> RunConfig:
         raise PrunelabError(f"rounds must be >= 1, got {config.rounds}")
     if when == "init" and (config.rounds > 1 or config.rewind != "none"):
         raise PrunelabError("rounds and rewind apply to pruning a trained model (when = 'trained')")
+    if config.rewind == "early" and config.rewind_iteration < 1:
+        raise PrunelabError("rewind = 'early' needs rewind_iteration >= 1, the pre-training step rewound to")
+    if config.rewind != "early" and config.rewind_iteration:
+        raise PrunelabError(f"rewind_iteration applies to rewind = 'early', not {config.rewind!r}")
     if config.reinit and when != "init":
         raise PrunelabError("reinit applies to pruning at initialisation (when = 'init')")
+    _check_device(config.device)
+    if config.threads is not None and config.threads < 1:
+        raise PrunelabError(f"threads must be >= 1, got {config.threads}")
     if not 0.0 <= config.val_fraction < 1.0:
         raise PrunelabError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
     finetune_epochs = config.finetune_epochs
@@ -98,6 +107,17 @@ def resolve(config: RunConfig) -> RunConfig:
                        finetune_epochs=finetune_epochs)
     resolved.train_config()  # validates the optimizer and schedule settings
     return resolved
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise PrunelabError(f"invalid device {name!r}; e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PrunelabError(f"device {name!r}: this torch sees no CUDA GPU; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise PrunelabError(f"device {name!r} is not supported; use cpu or cuda")
 
 
 def _check_option_types(method, options: dict) -> None:
@@ -170,11 +190,36 @@ class Run:
         path = self.out / "state.json"
         if not path.exists():
             return None
-        state = checkpoint.read_json(path)
+        state = checkpoint.read_json(path, dict)
         if state.get("config_digest") != self.config.digest():
-            raise PrunelabError(f"run folder {self.out} holds a run with a different config; "
-                                "choose another --out or delete that folder")
+            raise PrunelabError(f"run folder {self.out} holds a run with a different config"
+                                f"{self._differences()}; choose another --out or delete that folder")
         return state
+
+    def _differences(self) -> str:
+        """' (lr 0.5 there, 0.1 here; ...)': what the folder's config.toml says against this config."""
+        try:
+            with open(self.out / "config.toml", "rb") as handle:
+                there = tomllib.load(handle)
+        except (OSError, ValueError):
+            return ""
+        here = asdict(self.config)
+        changed = [f"{key} {there.get(key)!r} there, {value!r} here" for key, value in here.items()
+                   if key not in ("out", "threads", "latency") and there.get(key) != value]
+        return f" ({'; '.join(changed)})" if changed else ""
+
+    def _claim_folder(self, ours: bool) -> None:
+        """Create the run folder; refuse a path that is a file, or a non-empty folder that holds no run
+        (``ours``: it holds this config's state.json), so that no file of the user's is overwritten."""
+        if self.out.exists() and not self.out.is_dir():
+            raise PrunelabError(f"run folder {self.out} is a file; choose another --out")
+        if not ours and self.out.is_dir() and any(self.out.iterdir()):
+            raise PrunelabError(f"{self.out} is not empty and holds no prunelab run (no state.json); choose "
+                                "another --out, so that its files are not overwritten")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise PrunelabError(f"cannot create the run folder {self.out}: {error.strerror or error}") from None
 
     def _save(self, state: dict, optimizer=None, extra: dict | None = None) -> None:
         name = f"ckpt-{state['stage']:03d}-{state['epoch']:04d}.safetensors"
@@ -201,15 +246,25 @@ class Run:
         self.model = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
                                  init=cfg.init, seed=cfg.seed, **cfg.model_options).to(cfg.device)
         masking.require_prunable(self.model)
+        check_layers(pruning.get_method(cfg.method), self.model,
+                     masking.prunable_parameters(self.model, include_bias=cfg.include_bias))
         self.train, self.val, self.test = load_dataset(cfg.dataset, root=cfg.data_root,
                                                        val_fraction=cfg.val_fraction, seed=cfg.seed,
                                                        normalize_inputs=cfg.normalize_inputs)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            checkpoint.atomic_write(self.out / "config.toml", to_toml(cfg))
-        optimizer_state = None
+        if cfg.rewind == "early":
+            steps = cfg.train_config().total_steps(max(self.train.num_batches(cfg.batch_size, drop_last=False), 1))
+            if cfg.rewind_iteration > steps:
+                raise PrunelabError(f"rewind_iteration {cfg.rewind_iteration} is past the end of pre-training "
+                                    f"({steps} steps)")
+        self._claim_folder(ours=state is not None)
+        if state is not None and state.get("checkpoint") is None:
+            state = None  # stopped before its first checkpoint: start again
         if state is None:
             state = self._fresh_state()
+            checkpoint.write_json(self.out / "state.json", state)  # the folder is a run folder from now on
+        checkpoint.atomic_write(self.out / "config.toml", to_toml(cfg))  # (re)written: the folder's record
+        optimizer_state = None
+        if state["checkpoint"] is None:
             checkpoint.save_model(self.out / "rewind.safetensors", self.model)  # theta_0
             target = {"none": "", "during": " (prunes while training)"}.get(
                 "none" if cfg.method == "none" else cfg.when, f" to sparsity {cfg.sparsity} ({cfg.scope}, {cfg.when})")
