@@ -62,6 +62,8 @@ BAD = [
     (["--model", "lenet300-100", "--milestones", "2,3"], ["milestones apply to lr_schedule 'multistep', not 'constant'"]),
     (["--model", "lenet300-100", "--device", "toaster"], ["invalid device 'toaster'"]),
     (["--model", "lenet300-100", "--threads", "0"], ["threads must be >= 1"]),
+    (["--model", "lenet300-100", "--method", "snip", "--sparsity", "0.9", "--finetune-epochs", "3"],
+     ["finetune_epochs and finetune_lr apply to pruning a trained model", "not when = 'init'"]),
     (["--model", "lstm", "--method", "pfec", "--sparsity", "0.5"],
      ["method 'pfec' prunes Linear and Conv2d layers only", "LSTM 'rnn'"]),
     (["--model", "lenet300-100", "--method", "pfp", "--sparsity", "0.5", "--delta", "0.1", "--method-option",

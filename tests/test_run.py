@@ -148,7 +148,7 @@ def test_rewind_restores_initial_weights_under_masks(tmp_path, data_root):
 
 
 def test_reinit_trains_a_fresh_draw_under_the_same_masks(tmp_path, data_root):
-    base = dict(method="random", sparsity=0.5, iterations=0, epochs=None, val_fraction=0.05)
+    base = dict(method="random", sparsity=0.5, iterations=0, epochs=None, val_fraction=0.05, finetune_epochs=None)
     scored = lab_run.run(config(tmp_path, data_root, "scored", **base), echo=None)
     fresh = lab_run.run(config(tmp_path, data_root, "fresh", reinit=True, **base), echo=None)
     assert [s.name for s in lab_run.plan(lab_run.resolve(config(tmp_path, data_root, reinit=True, **base)))] \

@@ -93,6 +93,9 @@ def resolve(config: RunConfig) -> RunConfig:
         raise PrunelabError("rewind = 'early' needs rewind_iteration >= 1, the pre-training step rewound to")
     if config.rewind != "early" and config.rewind_iteration:
         raise PrunelabError(f"rewind_iteration applies to rewind = 'early', not {config.rewind!r}")
+    if when != "trained" and (config.finetune_epochs is not None or config.finetune_lr is not None):
+        raise PrunelabError(f"finetune_epochs and finetune_lr apply to pruning a trained model (when = "
+                            f"'trained'), not when = {when!r}")
     if config.reinit and when != "init":
         raise PrunelabError("reinit applies to pruning at initialisation (when = 'init')")
     _check_device(config.device)
