@@ -38,6 +38,9 @@ and ``--threads 1`` (another job was using the other core):
     python benchmarks/snip_lenet.py --threads 1 --part lenet300 --iterations 100000 --include-bias --reinit --targets 0.95 0.98
     python benchmarks/snip_lenet.py --threads 1 --part lenet5 --iterations 6000 --targets 0
     python benchmarks/snip_lenet.py --threads 1 --part lenet5 --iterations 30000 --targets 0.98 0.99 [--keep-best]
+    python benchmarks/snip_lenet.py --threads 1 --part lenet5 --targets 0.98 --keep-best --seeds K --results /tmp/K.json
+        (K = 0, 1, 2 at once; then the same without --seeds/--results reads the finished runs back and writes the row)
+    python benchmarks/snip_lenet.py --threads 1 --part lenet300 --targets 0.95 0.98 --keep-best --init vs-h
     python benchmarks/snip_lenet.py --threads 1 --part lstm --lstm-iterations 32400 --targets 0.95 --keep-best
     python benchmarks/snip_lenet.py --threads 1 --part lstm --lstm-iterations 32400 --targets 0 --reference-seeds 0 --keep-best
 """
