@@ -384,9 +384,13 @@ def test_corrupt_download_is_refused_and_not_kept(data_root, tmp_path, serve):
     assert not dest.exists() and _leftovers(dest.parent) == []
 
     # Through load_dataset: the first missing file is not served (HTTP 404) -> clean error.
-    with pytest.raises(PrunelabError, match="could not download train-images-idx3-ubyte.gz"):
+    with pytest.raises(PrunelabError, match="could not download train-images-idx3-ubyte.gz") as err:
         load_dataset("mnist", root=tmp_path / "root", base_url=server.url)
+    assert f"put the files in {dest.parent}" in str(err.value)
     assert _leftovers(dest.parent) == []
+    with pytest.raises(PrunelabError, match="could not download"):
+        load_dataset("fashion-mnist", root=tmp_path / "root", base_url=server.url)
+    assert not (tmp_path / "root" / "fashion-mnist").exists()  # no empty folder left behind
 
 
 def test_fetch_network_errors_are_prunelab_errors(tmp_path):

@@ -279,9 +279,12 @@ def _ensure_files(spec: _Spec, folder: Path, download: bool, base_url: str | Non
                 f"{len(spec.files)} files missing) and download is disabled; allow downloading "
                 f"(from {bases[0]}) or put the files in {folder} (data root: root= or $PRUNELAB_DATA)"
             )
+        fresh = not folder.exists()
         try:
             _download(spec, folder, missing, bases)
         except PrunelabError as error:  # say where the files were looked for, not only what was tried
+            if fresh and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()  # leave no empty folder behind
             raise PrunelabError(f"{spec.info.name} file {folder / missing[0]} is missing ({len(missing)} of "
                                 f"{len(spec.files)} missing) and {error}; put the files in {folder} or point "
                                 "the data root (root= or $PRUNELAB_DATA) at a folder holding them") from None
