@@ -112,7 +112,8 @@ def nisp_scores(model, params, *, data, generator, input_shape=None, output="one
 register(Method(
     "retrain-free", "local edge contribution mean|x_i w_ij|, per layer, no retraining (Ashouri et al. 2018, "
     "as characterised by iSparse)", retrain_free_scores, scope="layer", when="trained", retrain=False,
-    options={"examples": 1000, "batch_size": 250}, layers=(nn.Linear, nn.Conv2d), paper="Ashouri et al., NeurIPS-2018 CDNNRIA workshop"))
+    options={"examples": 1000, "batch_size": 250}, layers=(nn.Linear, nn.Conv2d),
+    paper="Ashouri et al., NeurIPS-2018 CDNNRIA workshop"))
 register(Method(
     "nisp", "neuron importance propagated from the output with |W|; least important neurons/channels "
     "per layer (Yu et al. 2018)", nisp_scores, scope="layer", when="trained", pruner=nisp_pruner,

@@ -437,5 +437,6 @@ def _pruner(model, params, *, sparsity, scope, alive, data, generator, **options
 register(Method(
     "relief", "NNrelief: per-neuron cumulative share of input activity, iterative (Dekhovich et al. 2024)",
     relief_scores, scope="layer", needs_data=True, options=dict(DEFAULTS), pruner=_pruner, structured=True,
-    flags=("alpha_fc", "alpha_conv"), own_sparsity=True, layers=(nn.Linear, nn.Conv2d), validate=lambda options: _check(**options),
+    flags=("alpha_fc", "alpha_conv"), own_sparsity=True, layers=(nn.Linear, nn.Conv2d),
+    validate=lambda options: _check(**options),
     paper="Dekhovich, Tax, Sluiter & Bessa, Machine Learning 2024 (arXiv 2109.10795), section 3"))
