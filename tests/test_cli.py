@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from prunelab import cli
+from prunelab.training import Trainer
 from prunelab.models import registry as model_registry
 
 
@@ -64,6 +65,10 @@ BAD = [
     (["--model", "lenet300-100", "--threads", "0"], ["threads must be >= 1"]),
     (["--model", "lenet300-100", "--method", "snip", "--sparsity", "0.9", "--finetune-epochs", "3"],
      ["finetune_epochs and finetune_lr apply to pruning a trained model", "not when = 'init'"]),
+    (["--model", "lenet300-100", "--method", "snip", "--sparsity", "0.9", "--reinit-init", "vs-x"],
+     ["reinit_init names the initialisation of reinit's fresh draw: set reinit = true"]),
+    (["--model", "lenet300-100", "--method", "snip", "--sparsity", "0.9", "--reinit", "--reinit-init", "vsx"],
+     ["unknown init scheme 'vsx'"]),
     (["--model", "lstm", "--method", "pfec", "--sparsity", "0.5"],
      ["method 'pfec' prunes Linear and Conv2d layers only", "LSTM 'rnn'"]),
     (["--model", "lenet300-100", "--method", "pfp", "--sparsity", "0.5", "--delta", "0.1", "--method-option",
@@ -76,6 +81,19 @@ def test_bad_input_one_line_exit_2(argv, fragments, capsys, tmp_path):
     code, _, err = run_cli("run", *argv, "--out", str(tmp_path / "r"), capsys=capsys)
     assert_usage_error(code, err, *fragments)
     assert not (tmp_path / "r").exists()  # rejected before any work
+
+
+@pytest.mark.parametrize("method", ["isparse", "nisp"])
+def test_residual_net_refused_before_training(method, data_root, capsys, tmp_path, monkeypatch):
+    if not (data_root / "cifar10" / "cifar-10-batches-py").is_dir():
+        pytest.skip("CIFAR-10 not under the data root")
+    monkeypatch.setattr(Trainer, "run_epoch", lambda *a, **k: pytest.fail("trained before refusing"))
+    code, _, err = run_cli("run", "--model", "resnet20", "--dataset", "cifar10", "--method", method,
+                           "--sparsity", "0.5", "--data-root", str(data_root), "--out", str(tmp_path / "r"),
+                           capsys=capsys)
+    assert_usage_error(code, err, f"{method} propagates significance along plain Conv2d/Linear chains",
+                       "residual addition")
+    assert not (tmp_path / "r").exists()
 
 
 def test_invalid_config_key_and_bad_toml(tmp_path, capsys):

@@ -348,3 +348,17 @@ def test_dropconnect_is_seeded_and_uniform_per_layer():
         assert abs(int(m.sum()) - 0.7 * m.numel()) < 1
     method = prunelab.pruning.get_method("dropconnect")
     assert (method.scope, method.retrain, method.when) == ("layer", False, "trained")
+
+
+@pytest.mark.parametrize("method", ["isparse", "nisp"])
+def test_structure_check_refuses_residual_nets_from_weights_alone(method):
+    spec = prunelab.pruning.get_method(method)
+    options = dict(spec.options)
+    resnet = prunelab.build_model("resnet20", seed=0)
+    with pytest.raises(PrunelabError, match=rf"{method} propagates .* written by 4 layers .*residual"):
+        spec.check_structure(resnet, masking.prunable_parameters(resnet), torch.zeros(1, 3, 32, 32), options)
+    lenet = prunelab.build_model("lenet5-caffe", seed=0)  # a plain chain passes
+    spec.check_structure(lenet, masking.prunable_parameters(lenet), torch.zeros(1, 1, 28, 28), options)
+    if method == "isparse":  # without propagation nothing crosses the residual addition
+        spec.check_structure(resnet, masking.prunable_parameters(resnet), torch.zeros(1, 3, 32, 32),
+                             {**options, "neuron_importance": "ones"})

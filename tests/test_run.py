@@ -8,7 +8,8 @@ import torch
 from prunelab import checkpoint, masking
 from prunelab.lab import run as lab_run
 from prunelab.lab.config import RunConfig
-from prunelab.training import Trainer
+from prunelab.models import build_model
+from prunelab.training import Trainer, derive_seed
 
 SHORT = dict(model="lenet300-100", method="magnitude", sparsity=0.9, epochs=2, finetune_epochs=1,
              lr=0.05, weight_decay=1e-4, latency=False)
@@ -159,6 +160,11 @@ def test_reinit_trains_a_fresh_draw_under_the_same_masks(tmp_path, data_root):
     assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
     assert torch.equal(b["fc1.weight"] != 0, b["mask::fc1.weight"])
     assert scored["sparsity"] == fresh["sparsity"]
+    # reinit_init: scored at one initialisation, trained from a fresh draw of another (SNIP Table 3)
+    lab_run.run(config(tmp_path, data_root, "vs-x", reinit=True, init="vs-h", reinit_init="vs-x", **base), echo=None)
+    c, _ = checkpoint.load_tensors(tmp_path / "vs-x" / "model.safetensors")
+    expected = build_model("lenet300-100", init="vs-x", seed=derive_seed(0, "reinit") % 2**31).fc1.weight
+    assert torch.equal(c["fc1.weight"], expected.detach() * c["mask::fc1.weight"])
 
 
 def test_keep_best_ends_each_stage_on_its_lowest_validation_error(tmp_path, data_root):

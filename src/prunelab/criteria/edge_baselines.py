@@ -25,7 +25,7 @@ PFEC, the fourth competitor, is ``pfec`` in ``criteria/filters.py``.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -91,6 +91,13 @@ def nisp_pruner(model, params, *, sparsity, scope, alive, data, generator, mask_
                       examples=examples, batch_size=batch_size)
 
 
+def nisp_check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], example: torch.Tensor,
+                         options: Mapping[str, Any]) -> None:
+    """NISP's propagation on the weights alone (output "ones"; no data): refuses a residual net before training."""
+    graph = structure.channel_graph(model, example.to(next(model.parameters()).dtype))
+    neuron_importance(model, graph, data=None, generator=None)
+
+
 def nisp_scores(model, params, *, data, generator, input_shape=None, output="ones", examples=1000,
                 batch_size=250, **_):
     """Each weight of a safe layer scored by the importance of the neuron/filter it belongs to (inspection)."""
@@ -119,7 +126,7 @@ register(Method(
     "per layer (Yu et al. 2018)", nisp_scores, scope="layer", when="trained", pruner=nisp_pruner,
     structured=True, options={"mask_bias": True, "input_shape": None, "output": "ones", "examples": 1000,
                               "batch_size": 250}, layers=(nn.Linear, nn.Conv2d),
-    paper="Yu et al., CVPR 2018"))
+    check_structure=nisp_check_structure, paper="Yu et al., CVPR 2018"))
 register(Method(
     "dropconnect", "random edges, the same fraction in every layer, no retraining (Wan et al. 2013 as "
     "iSparse's competitor)", random_scores, scope="layer", when="trained", retrain=False,

@@ -318,6 +318,18 @@ def edge_scores(model: nn.Module, params: Mapping[str, torch.Tensor], *, data, g
     return scores
 
 
+def check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], example: torch.Tensor,
+                    options: Mapping[str, Any], method: str = "isparse") -> None:
+    """Propagate significance on the weights alone (no data), so that a residual addition or another
+    unsupported layer on the path is refused before the lab trains anything, not after."""
+    if options.get("neuron_importance", DEFAULTS["neuron_importance"]) != "propagated":
+        return
+    graph = structure.channel_graph(model, example.to(next(model.parameters()).dtype))
+    significance = Significance(model, graph, method)
+    for name, module in scored_layers(model, params, method).items():
+        significance.of_rows(name, module.weight.shape[0])
+
+
 def isparse_scores(model, params, *, data, generator, mode="sparsify-with", interval=1, ramp=1, **options):
     """iSparse edge significance (module docstring; reconstructed, methods.md 5.1); higher = keep."""
     check_choice("isparse", "mode", mode, MODES)
@@ -418,5 +430,5 @@ register(Method(
     "isparse", "output-informed edge significance mean|x_i| |w_ij| N_j, per layer (Garg & Candan 2020; "
     "score reconstructed)", isparse_scores, scope="layer", when="trained", options=dict(DEFAULTS),
     schedule=_schedule, flags=("mode",), retrain=False, when_from=when_from, validate=check_options,
-    layers=(nn.Linear, nn.Conv2d),
+    layers=(nn.Linear, nn.Conv2d), check_structure=check_structure,
     paper="Garg & Candan, ICMR 2020 / OpenReview ryefmpEYPr (score reconstructed, methods.md 5.1)"))

@@ -39,6 +39,7 @@ class RunConfig:
     include_bias: bool = False          # prune biases too
     reinit: bool = False                # when = "init": train from a fresh draw of the initialisation
                                         # under the masks (SNIP's official code), not the scored weights
+    reinit_init: str | None = None      # the fresh draw's initialisation (SNIP Table 3 trains VS-X); default: init
     method_options: dict[str, Any] = field(default_factory=dict)
     # model and data
     init: str = "default"
@@ -90,7 +91,7 @@ class RunConfig:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 
-LATER_KEYS = {"normalize_inputs": True, "keep_best": False}
+LATER_KEYS = {"normalize_inputs": True, "keep_best": False, "reinit_init": None}
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
@@ -237,6 +238,7 @@ HELP = {
     "rewind_iteration": "pre-training step rewound to when rewind = early",
     "include_bias": "prune biases too",
     "reinit": "when = init: train a fresh draw of the initialisation under the masks",
+    "reinit_init": "with reinit: the fresh draw's initialisation (default: init)",
     "method_options": "method option KEY=VALUE (repeatable)",
     "init": "initialisation: default | vs-h | vs-x | vs | normal | truncated-normal",
     "model_options": "model option KEY=VALUE, e.g. relu=true (repeatable)",

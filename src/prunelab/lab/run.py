@@ -27,6 +27,7 @@ from ..data import dataset_info, load_dataset
 from ..errors import PrunelabError
 from ..methods import check_layers
 from ..models import build_model, model_info
+from ..models.init import resolve_scheme
 from ..training import Trainer, derive_seed, evaluate
 from .config import REWIND, SCOPES, WHEN, RunConfig, to_toml
 
@@ -98,6 +99,10 @@ def resolve(config: RunConfig) -> RunConfig:
                             f"'trained'), not when = {when!r}")
     if config.reinit and when != "init":
         raise PrunelabError("reinit applies to pruning at initialisation (when = 'init')")
+    if config.reinit_init is not None:
+        if not config.reinit:
+            raise PrunelabError("reinit_init names the initialisation of reinit's fresh draw: set reinit = true")
+        resolve_scheme(config.reinit_init)
     _check_device(config.device)
     if config.threads is not None and config.threads < 1:
         raise PrunelabError(f"threads must be >= 1, got {config.threads}")
@@ -249,11 +254,15 @@ class Run:
         self.model = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
                                  init=cfg.init, seed=cfg.seed, **cfg.model_options).to(cfg.device)
         masking.require_prunable(self.model)
-        check_layers(pruning.get_method(cfg.method), self.model,
-                     masking.prunable_parameters(self.model, include_bias=cfg.include_bias))
+        method = pruning.get_method(cfg.method)
+        params = masking.prunable_parameters(self.model, include_bias=cfg.include_bias)
+        check_layers(method, self.model, params)
         self.train, self.val, self.test = load_dataset(cfg.dataset, root=cfg.data_root,
                                                        val_fraction=cfg.val_fraction, seed=cfg.seed,
                                                        normalize_inputs=cfg.normalize_inputs)
+        if method.check_structure is not None:
+            method.check_structure(self.model, params, self.test.inputs[:1].to(cfg.device),
+                                   {**method.options, **cfg.method_options})
         if cfg.rewind == "early":
             steps = cfg.train_config().total_steps(max(self.train.num_batches(cfg.batch_size, drop_last=False), 1))
             if cfg.rewind_iteration > steps:
@@ -389,14 +398,14 @@ class Run:
 
     def _rewind(self, stage: Stage, state: dict) -> None:
         """Replace the weights, keeping the masks: rewound to ``rewind.safetensors``, or (``reinit``) a
-        fresh draw of the same initialisation with another seed."""
+        fresh draw with another seed, of the same initialisation or of ``reinit_init``."""
         cfg = self.config
         current = masking.masks(self.model)
         if stage.name == "reinit":
             seed = derive_seed(cfg.seed, "reinit") % 2**31
             fresh = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
-                                init=cfg.init, seed=seed, **cfg.model_options)
-            tensors, what = fresh.state_dict(), f"re-initialised (seed {seed})"
+                                init=cfg.reinit_init or cfg.init, seed=seed, **cfg.model_options)
+            tensors, what = fresh.state_dict(), f"re-initialised ({cfg.reinit_init or cfg.init}, seed {seed})"
         else:
             tensors, _ = checkpoint.load_tensors(self.out / "rewind.safetensors")
             what = f"rewound ({cfg.rewind})"
