@@ -1,5 +1,6 @@
 """The lab: a real MNIST run end to end, result.json, resume equals uninterrupted, rewinding."""
 
+import dataclasses
 import json
 
 import pytest
@@ -68,6 +69,24 @@ def test_resume_refuses_a_different_config(tmp_path, data_root):
     from prunelab.errors import PrunelabError
     with pytest.raises(PrunelabError, match=r"different config \(sparsity 0.9 there, 0.5 here\)"):
         lab_run.run(config(tmp_path, data_root, epochs=1, finetune_epochs=0, sparsity=0.5), echo=None)
+
+
+def test_resume_does_not_depend_on_where_the_data_is_read_from(tmp_path, data_root, monkeypatch):
+    short = dict(iterations=2, epochs=None, finetune_epochs=0)
+    first = lab_run.run(config(tmp_path, data_root, **short), echo=None)
+    monkeypatch.setenv("PRUNELAB_DATA", str(data_root))  # the same data, found through the environment
+    again = dataclasses.replace(config(tmp_path, data_root, **short), data_root=None)
+    assert lab_run.run(again, echo=None)["error"] == first["error"]
+    state_file = tmp_path / "run" / "state.json"
+    state = json.loads(state_file.read_text())  # a folder written before data_root left the digest
+    state["config_digest"] = lab_run.resolve(config(tmp_path, data_root, **short)).digest(legacy=True)
+    state_file.write_text(json.dumps(state))
+    assert lab_run.run(config(tmp_path, data_root, **short), echo=None)["error"] == first["error"]
+    state["config_digest"] = "0badf00d"
+    state_file.write_text(json.dumps(state))
+    from prunelab.errors import PrunelabError
+    with pytest.raises(PrunelabError, match="different config"):
+        lab_run.run(config(tmp_path, data_root, **short), echo=None)
 
 
 def test_a_folder_that_holds_no_run_is_never_written(tmp_path, data_root):

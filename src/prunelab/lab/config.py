@@ -82,9 +82,12 @@ class RunConfig:
             values["warmup"] = 0
         return TrainConfig(**values)
 
-    def digest(self) -> str:
-        """Hash of the settings that change the result (not where it is written)."""
-        relevant = {k: v for k, v in asdict(self).items() if k not in ("out", "threads", "latency")}
+    def digest(self, legacy: bool = False) -> str:
+        """Hash of the settings that change the result (not where it is written, nor which folder the
+        checksummed data is read from). ``legacy``: the hash before data_root left it, which older run
+        folders hold."""
+        ignored = ("out", "threads", "latency") if legacy else ("out", "threads", "latency", "data_root")
+        relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         for key, default in LATER_KEYS.items():  # keys added later count only when changed, so that
             if relevant.get(key) == default:      # run folders started before them still resume
                 relevant.pop(key)

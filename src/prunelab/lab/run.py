@@ -171,7 +171,9 @@ def plan(config: RunConfig) -> list[Stage]:
 
 
 def default_out(config: RunConfig) -> Path:
-    return Path("runs") / f"{config.model}_{config.dataset}_{config.method}_{config.digest()}"
+    folder = Path("runs") / f"{config.model}_{config.dataset}_{config.method}_{config.digest()}"
+    legacy = folder.with_name(folder.name.rpartition("_")[0] + "_" + config.digest(legacy=True))
+    return legacy if legacy.is_dir() and not folder.exists() else folder  # resume a folder named before
 
 
 class Run:
@@ -199,7 +201,7 @@ class Run:
         if not path.exists():
             return None
         state = checkpoint.read_json(path, dict)
-        if state.get("config_digest") != self.config.digest():
+        if state.get("config_digest") not in (self.config.digest(), self.config.digest(legacy=True)):
             raise PrunelabError(f"run folder {self.out} holds a run with a different config"
                                 f"{self._differences()}; choose another --out or delete that folder")
         return state
@@ -213,7 +215,7 @@ class Run:
             return ""
         here = asdict(self.config)
         changed = [f"{key} {there.get(key)!r} there, {value!r} here" for key, value in here.items()
-                   if key not in ("out", "threads", "latency") and there.get(key) != value]
+                   if key not in ("out", "threads", "latency", "data_root") and there.get(key) != value]
         return f" ({'; '.join(changed)})" if changed else ""
 
     def _claim_folder(self, ours: bool) -> None:
