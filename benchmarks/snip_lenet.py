@@ -44,6 +44,7 @@ and ``--threads 1`` (another job was using the other core):
         (K = 0, 1, 2 at once; then the same without --seeds/--results reads the finished runs back and writes the row)
     python benchmarks/snip_lenet.py --threads 1 --part lenet300 --targets 0.95 0.98 --keep-best --init vs-h
     python benchmarks/snip_lenet.py --threads 1 --part lstm --lstm-iterations 32400 --targets 0.95 --keep-best
+    python benchmarks/snip_lenet.py --threads 1 --part init-study --keep-best --init vs-h   (and --init vs-x)
     python benchmarks/snip_lenet.py --threads 1 --part lstm --lstm-iterations 32400 --targets 0 --reference-seeds 0 --keep-best
 """
 
@@ -225,6 +226,9 @@ def markdown(data: dict) -> str:
               "* The LeNet parts use SGD momentum 0.9, lr 0.1 x0.1 every iterations/4, weight decay 5e-4, "
               "batch 100 (paper section 5). Exception: the dense LeNet-5-Caffe diverges (NaN in epoch 1) at "
               "lr 0.1 with or without momentum, so its reference uses lr 0.01; the SNIP nets train at 0.1.",
+              "* Rows \"fresh vs-x draw, scored at ...\" are the paper's Table 3 (initialisation study): SNIP "
+              "90% scored at that initialisation, trained from a fresh VS-X draw with Adam lr 1e-3, no weight "
+              "decay (`--part init-study`); the paper gives no length, so the LeNet budget is used.",
               "* The LSTM uses Adam lr 1e-3 (the paper's RNN initialisation study; no RNN recipe is given), "
               "hidden 128 with a 28->128 input projection (137k parameters, as the paper's LSTM-s).",
               "* Differences from the official code (namhoonlee/snip-public): its `test.py` reports the *best* "
