@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from prunelab import cli
-from prunelab.training import Trainer
 from prunelab.models import registry as model_registry
+from prunelab.training import Trainer
 
 
 def run_cli(*argv, capsys):
