@@ -231,7 +231,8 @@ def markdown(data: dict) -> str:
               "lr 0.1 with or without momentum, so its reference uses lr 0.01; the SNIP nets train at 0.1.",
               "* Rows \"fresh vs-x draw, scored at ...\" are the paper's Table 3 (initialisation study): SNIP "
               "90% scored at that initialisation, trained from a fresh VS-X draw with Adam lr 1e-3, no weight "
-              "decay (`--part init-study`); the paper gives no length, so the LeNet budget is used.",
+              "decay (`--part init-study`); the paper gives no length: LeNet-300-100 ran the Table 1 budget "
+              "(100k iterations), LeNet-5-Caffe 30k (the CPU budget).",
               "* The LSTM uses Adam lr 1e-3 (the paper's RNN initialisation study; no RNN recipe is given), "
               "hidden 128 with a 28->128 input projection (137k parameters, as the paper's LSTM-s).",
               "* Differences from the official code (namhoonlee/snip-public): its `test.py` reports the *best* "
