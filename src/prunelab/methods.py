@@ -49,8 +49,8 @@ class Method:
     when_from: Callable[[dict[str, Any]], str | None] | None = None
     validate: Callable[[dict[str, Any]], Any] | None = None  # checks option values before a run starts
     layers: tuple[type, ...] | None = None  # module types whose weights it can prune; None: any prunable one
-    # (model, params, example input, options) -> None: refuses a structure the method cannot handle (a
-    # residual addition) from the weights and one traced input, so the lab can call it before training
+    # (model, params, data, options) -> None: refuses a structure the method cannot handle (a residual
+    # addition) from the weights and one traced example of data, so the lab can call it before training
     check_structure: Callable[..., None] | None = None
     paper: str = ""
 

@@ -91,10 +91,11 @@ def nisp_pruner(model, params, *, sparsity, scope, alive, data, generator, mask_
                       examples=examples, batch_size=batch_size)
 
 
-def nisp_check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], example: torch.Tensor,
+def nisp_check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], data,
                          options: Mapping[str, Any]) -> None:
-    """NISP's propagation on the weights alone (output "ones"; no data): refuses a residual net before training."""
-    graph = structure.channel_graph(model, example.to(next(model.parameters()).dtype))
+    """NISP's propagation on the weights alone (output "ones"; ``data`` only gives the traced example):
+    refuses a residual net before training."""
+    graph = structure.channel_graph(model, trace_input(model, data, None, "nisp"))
     neuron_importance(model, graph, data=None, generator=None)
 
 

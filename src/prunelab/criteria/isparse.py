@@ -318,13 +318,13 @@ def edge_scores(model: nn.Module, params: Mapping[str, torch.Tensor], *, data, g
     return scores
 
 
-def check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], example: torch.Tensor,
-                    options: Mapping[str, Any], method: str = "isparse") -> None:
-    """Propagate significance on the weights alone (no data), so that a residual addition or another
-    unsupported layer on the path is refused before the lab trains anything, not after."""
+def check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], data, options: Mapping[str, Any],
+                    method: str = "isparse") -> None:
+    """Propagate significance on the weights alone (``data`` only gives the traced example), so that a
+    residual addition or another unsupported layer on the path is refused before the lab trains anything."""
     if options.get("neuron_importance", DEFAULTS["neuron_importance"]) != "propagated":
         return
-    graph = structure.channel_graph(model, example.to(next(model.parameters()).dtype))
+    graph = structure.channel_graph(model, trace_input(model, data, None, method))
     significance = Significance(model, graph, method)
     for name, module in scored_layers(model, params, method).items():
         significance.of_rows(name, module.weight.shape[0])

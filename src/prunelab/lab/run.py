@@ -263,8 +263,7 @@ class Run:
                                                        val_fraction=cfg.val_fraction, seed=cfg.seed,
                                                        normalize_inputs=cfg.normalize_inputs)
         if method.check_structure is not None:
-            method.check_structure(self.model, params, self.test.inputs[:1].to(cfg.device),
-                                   {**method.options, **cfg.method_options})
+            method.check_structure(self.model, params, self.test, {**method.options, **cfg.method_options})
         if cfg.rewind == "early":
             steps = cfg.train_config().total_steps(max(self.train.num_batches(cfg.batch_size, drop_last=False), 1))
             if cfg.rewind_iteration > steps:
