@@ -86,7 +86,7 @@ class RunConfig:
         """Hash of the settings that change the result (not where it is written, nor which folder the
         checksummed data is read from). ``legacy``: the hash before data_root left it, which older run
         folders hold."""
-        ignored = ("out", "threads", "latency") if legacy else ("out", "threads", "latency", "data_root")
+        ignored = set(UNHASHED) - {"data_root"} if legacy else UNHASHED
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         for key, default in LATER_KEYS.items():  # keys added later count only when changed, so that
             if relevant.get(key) == default:      # run folders started before them still resume
@@ -94,6 +94,8 @@ class RunConfig:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 
+# where a run is written, how fast, and which folder its checksummed data comes from: never its result
+UNHASHED = ("out", "threads", "latency", "data_root")
 LATER_KEYS = {"normalize_inputs": True, "keep_best": False, "reinit_init": None}
 FIELDS = {f.name: f for f in fields(RunConfig)}
 

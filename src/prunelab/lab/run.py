@@ -29,7 +29,7 @@ from ..methods import check_layers
 from ..models import build_model, model_info
 from ..models.init import resolve_scheme
 from ..training import Trainer, derive_seed, evaluate
-from .config import REWIND, SCOPES, WHEN, RunConfig, to_toml
+from .config import REWIND, SCOPES, UNHASHED, WHEN, RunConfig, to_toml
 
 RESULT_SCHEMA = "prunelab.result/1"
 KEEP_PREFIX = "keep::"  # checkpoint tensors: keep_best's weights of the stage's best epoch so far
@@ -215,7 +215,7 @@ class Run:
             return ""
         here = asdict(self.config)
         changed = [f"{key} {there.get(key)!r} there, {value!r} here" for key, value in here.items()
-                   if key not in ("out", "threads", "latency", "data_root") and there.get(key) != value]
+                   if key not in UNHASHED and there.get(key) != value]
         return f" ({'; '.join(changed)})" if changed else ""
 
     def _claim_folder(self, ours: bool) -> None:
