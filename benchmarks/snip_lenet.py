@@ -28,7 +28,9 @@ Table 3), for ``--lstm-iterations`` steps with the lr x0.1 after 3/4 of them. Th
 137k parameters (see prunelab/models/rnn.py; a reconstruction).
 
 Every run is a lab run under ``--runs`` (default runs/snip_lenet/...): interrupted runs resume, finished
-ones are read back from their result.json. Results: benchmarks/results/snip_lenet.json and .md.
+ones are read back from their result.json, and a seed whose training diverges is listed in its row (the
+statistics are over the others) while the remaining seeds go on. Results: benchmarks/results/snip_lenet.json
+and .md.
 
     python benchmarks/snip_lenet.py                                  # everything, full 100k schedules
     python benchmarks/snip_lenet.py --part lenet5 --iterations 8000  # a shortened part (decay every 2k)
@@ -44,6 +46,7 @@ and ``--threads 1`` (another job was using the other core):
     python benchmarks/snip_lenet.py --threads 1 --part lenet5 --targets 0.98 --keep-best --seeds K --results /tmp/K.json
         (K = 0, 1, 2 at once; then the same without --seeds/--results reads the finished runs back and writes the row)
     python benchmarks/snip_lenet.py --threads 1 --part lenet300 --targets 0.95 0.98 --keep-best --init vs-h
+    python benchmarks/snip_lenet.py --threads 1 --part lenet5 --iterations 30000 --targets 0.99 --keep-best --init vs-h
     python benchmarks/snip_lenet.py --threads 1 --part lstm --lstm-iterations 32400 --targets 0.95 --keep-best
     python benchmarks/snip_lenet.py --threads 1 --part init-study --models lenet300-100 --keep-best --init vs-h   (and vs-x)
     python benchmarks/snip_lenet.py --threads 1 --part init-study --models lenet5-caffe --iterations 30000 --keep-best --init vs-h
@@ -64,6 +67,7 @@ import torch.nn.functional as F
 
 import prunelab
 from prunelab.checkpoint import atomic_write, write_json
+from prunelab.errors import TrainingDiverged
 from prunelab.lab.config import RunConfig
 from prunelab.lab.run import run as lab_run
 
@@ -123,12 +127,19 @@ def run_one(config: RunConfig) -> dict:
         if saved.get("config", {}).get("iterations") == config.iterations:
             return saved
     started = time.perf_counter()
-    result = lab_run(config, progress=False, echo=None)
+    try:
+        result = lab_run(config, progress=False, echo=None)
+    except TrainingDiverged as error:  # a row records it; the other seeds still run
+        return {"diverged": str(error)}
     result["benchmark_wall_s"] = time.perf_counter() - started
     return result
 
 
-def summarise(model, options, sparsity, results, configs) -> dict:
+def summarise(model, options, sparsity, outcomes, configs) -> dict:
+    """One row; the statistics are over the seeds that trained, and the diverged ones are listed apart."""
+    diverged = [c.seed for c, r in zip(configs, outcomes) if "diverged" in r]
+    results = [r for r in outcomes if "diverged" not in r]
+    finished = [c for c, r in zip(configs, outcomes) if "diverged" not in r]
     errors = [100 * r["error"]["test"] for r in results]
     cfg = configs[0]
     row = {
@@ -138,19 +149,20 @@ def summarise(model, options, sparsity, results, configs) -> dict:
         "iterations": cfg.iterations, "optimizer": cfg.optimizer, "lr": cfg.lr,
         "lr_schedule": cfg.lr_schedule, "step_size": cfg.step_size, "milestones": cfg.milestones,
         "gamma": cfg.gamma, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
-        "seeds": [c.seed for c in configs],
+        "seeds": [c.seed for c in finished],
+        "diverged_seeds": diverged,
         "test_error_pct": errors,
         "val_error_pct": [100 * r["error"]["val"] for r in results],
-        "mean_pct": statistics.fmean(errors),
+        "mean_pct": statistics.fmean(errors) if errors else None,
         "std_pct": statistics.stdev(errors) if len(errors) > 1 else 0.0,
         "sparsity_achieved": [r["sparsity"] for r in results],
         "prunable_kept": [r["params"]["prunable_kept"] for r in results],
-        "params_total": results[0]["params"]["total"],
+        "params_total": results[0]["params"]["total"] if results else None,
         "train_s": [r["time_s"]["train"] for r in results],
         "prune_s": [r["time_s"]["prune"] for r in results],
         "wall_s": [r["time_s"]["wall_this_session"] for r in results],  # of the session that finished the run
         "paper_error_pct": PAPER_TABLE3.get((model, cfg.init)) if cfg.reinit_init else PAPER.get((model, sparsity)),
-        "runs": [c.out for c in configs],
+        "runs": [c.out for c in finished],
     }
     return row
 
@@ -190,6 +202,17 @@ def timing(args) -> dict:
                     "forward, cross-entropy, backward, SGD step on the SNIP-pruned (masked) model"}
 
 
+def ours(row: dict) -> str:
+    """Test error %: 'mean ± std (each seed)' (one seed: its error), with the seeds that diverged named."""
+    errors = row["test_error_pct"]
+    text = f"{row['mean_pct']:.2f} ± {row['std_pct']:.2f} ({', '.join(f'{e:.2f}' for e in errors)})" \
+        if len(errors) > 1 else "".join(f"{e:.2f}" for e in errors)
+    diverged = row.get("diverged_seeds")
+    if diverged:
+        text += f"{'; ' if errors else ''}seed{'s' * (len(diverged) > 1)} {', '.join(map(str, diverged))} diverged"
+    return text
+
+
 def markdown(data: dict) -> str:
     lines = ["# SNIP reproduction on MNIST (Lee et al. 2019, Tables 1 and 2)", "",
              "Generated by `benchmarks/snip_lenet.py`; test error in % (mean ± sample std over seeds).", "",
@@ -212,9 +235,9 @@ def markdown(data: dict) -> str:
         name += f" ({', '.join(variant)})" if variant else ""
         target = "dense" if not row["target_sparsity"] else f"{100 * row['target_sparsity']:g}%"
         paper = "–" if row["paper_error_pct"] is None else f"{row['paper_error_pct']:g}"
-        lines.append(f"| {name} | {target} | {row['mean_pct']:.2f} ± {row['std_pct']:.2f} "
-                     f"({', '.join(f'{e:.2f}' for e in row['test_error_pct'])}) | {len(row['seeds'])} | {paper} "
-                     f"| {row['iterations']:,} | {schedule} | {statistics.fmean(row['train_s']):.0f} |")
+        train_s = f"{statistics.fmean(row['train_s']):.0f}" if row["train_s"] else "–"
+        lines.append(f"| {name} | {target} | {ours(row)} | {len(row['seeds'])} | {paper} "
+                     f"| {row['iterations']:,} | {schedule} | {train_s} |")
     if "timing" in data:
         t = data["timing"]
         lines += ["", f"SNIP scoring of LeNet-5-Caffe on a batch of 100: {1000 * t['snip_scoring_s_median']:.1f} ms "
@@ -304,18 +327,18 @@ def main() -> None:
                 continue
             seeds = args.seeds if sparsity or args.reference_seeds is None else args.reference_seeds
             configs = [config_for(model, options, sparsity, overrides, seed, args) for seed in seeds]
-            results = []
+            outcomes = []
             for config in configs:
                 started = time.perf_counter()
-                result = run_one(config)
-                results.append(result)
-                print(f"{Path(config.out).name}: test error {100 * result['error']['test']:.2f}% "
-                      f"sparsity {result['sparsity']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-            row = summarise(model, options, sparsity, results, configs)
+                outcome = run_one(config)
+                outcomes.append(outcome)
+                said = outcome["diverged"] if "diverged" in outcome else \
+                    f"test error {100 * outcome['error']['test']:.2f}% sparsity {outcome['sparsity']:.4f}"
+                print(f"{Path(config.out).name}: {said} ({time.perf_counter() - started:.0f} s)", flush=True)
+            row = summarise(model, options, sparsity, outcomes, configs)
             key = Path(configs[0].out).name.rsplit("_s", 1)[0]
             data["configs"][key] = row
-            print(f"== {key}: {row['mean_pct']:.2f} ± {row['std_pct']:.2f} % (paper {row['paper_error_pct']})",
-                  flush=True)
+            print(f"== {key}: test error % {ours(row)} (paper {row['paper_error_pct']})", flush=True)
             save()
 
 

@@ -106,8 +106,9 @@ def test_divergence_is_reported():
     with torch.no_grad():
         model[1].bias.fill_(float("inf"))  # what an exploding learning rate leaves behind
     trainer = Trainer(model, toy_data(), TrainConfig(epochs=1, batch_size=8, lr=0.1), seed=0, progress=False)
-    with pytest.raises(prunelab.PrunelabError, match="diverged"):
+    with pytest.raises(prunelab.TrainingDiverged, match="diverged"):
         trainer.run_epoch(0)
+    assert issubclass(prunelab.TrainingDiverged, prunelab.PrunelabError)  # the CLI's one-line report
 
 
 def test_derive_seed_is_stable():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from prunelab import checkpoint, masking
+from prunelab.errors import TrainingDiverged
 from prunelab.lab import run as lab_run
 from prunelab.lab.config import RunConfig
 from prunelab.models import build_model
@@ -112,6 +113,16 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, data_r
     monkeypatch.undo()
     result = lab_run.run(cfg, echo=None)
     assert result["history"][-1]["steps"] == 3
+
+
+def test_a_diverging_run_says_so_in_its_log(tmp_path, data_root):
+    cfg = config(tmp_path, data_root, "diverges", iterations=30, epochs=None, method="none", sparsity=0.0,
+                 lr=1e6, weight_decay=0.0)
+    with pytest.raises(TrainingDiverged, match="training diverged .* epoch 1"):
+        lab_run.run(cfg, echo=None)
+    log = (tmp_path / "diverges" / "log.txt").read_text()
+    assert "train epoch   1/1  training diverged (loss is nan)" in log
+    assert not (tmp_path / "diverges" / "result.json").exists()
 
 
 def test_rewind_early_rewinds_to_the_given_step(tmp_path, data_root):

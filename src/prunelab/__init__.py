@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import load_model, save_model
 from .data import list_datasets, load_dataset
-from .errors import PrunelabError
+from .errors import PrunelabError, TrainingDiverged
 from .masking import make_permanent, masks
 from .models import build_model, list_models
 from .pruning import LayerCollapseWarning, PruneReport, list_methods, prune, scores
@@ -19,7 +19,7 @@ from .structure import compact, load_compact, save_compact
 from .training import TrainConfig, Trainer, evaluate
 
 __all__ = [
-    "LayerCollapseWarning", "PruneReport", "PrunelabError", "TrainConfig", "Trainer", "build_model",
-    "compact", "evaluate", "list_datasets", "list_methods", "list_models", "load_compact", "load_dataset",
-    "load_model", "make_permanent", "masks", "prune", "save_compact", "save_model", "scores",
+    "LayerCollapseWarning", "PruneReport", "PrunelabError", "TrainConfig", "Trainer", "TrainingDiverged",
+    "build_model", "compact", "evaluate", "list_datasets", "list_methods", "list_models", "load_compact",
+    "load_dataset", "load_model", "make_permanent", "masks", "prune", "save_compact", "save_model", "scores",
 ]

@@ -9,6 +9,13 @@ class PrunelabError(ValueError):
     """
 
 
+class TrainingDiverged(PrunelabError):
+    """Training reached a non-finite loss: the settings (usually the learning rate) are at fault.
+
+    A subclass so that a caller running many configurations can record the run as diverged and go on.
+    """
+
+
 def unknown(kind: str, name: str, allowed) -> PrunelabError:
     """Error for a name that is not in a registry, listing the allowed names."""
     return PrunelabError(f"unknown {kind} {name!r}; choose from: {', '.join(sorted(allowed))}")

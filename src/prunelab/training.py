@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import PrunelabError
+from .errors import PrunelabError, TrainingDiverged
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "multistep", "cosine")
@@ -183,7 +183,7 @@ class Trainer:
                 bar.update()
         bar.close()
         if seen and not math.isfinite(loss_sum.item()):
-            raise PrunelabError(f"training diverged (loss is {loss_sum.item()}) in stage {self.stage} "
+            raise TrainingDiverged(f"training diverged (loss is {loss_sum.item()}) in stage {self.stage} "
                                 f"epoch {epoch + 1}; lower the learning rate")
         return {"stage": self.stage, "epoch": epoch + 1, "steps": step, "lr": lr_at(config, step - 1, self.steps_per_epoch),
                 "train_loss": loss_sum.item() / max(seen, 1), "train_error": wrong.item() / max(seen, 1),

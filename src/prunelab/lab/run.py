@@ -24,7 +24,7 @@ import torch
 
 from .. import __version__, checkpoint, masking, metrics, pruning, selection
 from ..data import dataset_info, load_dataset
-from ..errors import PrunelabError
+from ..errors import PrunelabError, TrainingDiverged
 from ..methods import check_layers
 from ..models import build_model, model_info
 from ..models.init import resolve_scheme
@@ -185,10 +185,10 @@ class Run:
         self.stages = plan(self.config)
 
     # -- logging -------------------------------------------------------------------------------------
-    def log(self, message: str) -> None:
+    def log(self, message: str, echo: bool = True) -> None:
         with open(self.out / "log.txt", "a") as handle:
             handle.write(message + "\n")
-        if self.echo:
+        if self.echo and echo:
             self.echo(message)
 
     # -- state ---------------------------------------------------------------------------------------
@@ -315,7 +315,11 @@ class Run:
         if cfg.keep_best and state.get("stage_best") and optimizer_state:
             best = {k[len(KEEP_PREFIX):]: v for k, v in optimizer_state[0].items() if k.startswith(KEEP_PREFIX)}
         for epoch in range(state["epoch"], trainer.epochs):
-            stats = trainer.run_epoch(epoch)
+            try:
+                stats = trainer.run_epoch(epoch)
+            except TrainingDiverged as error:  # the caller reports it; the run's log keeps it too
+                self.log(f"{stage.name:>12} epoch {epoch + 1:>3}/{trainer.epochs}  {error}", echo=False)
+                raise
             stats["stage_name"] = stage.name
             stats.update({f"val_{k}": v for k, v in evaluate(self.model, self.val, device=cfg.device).items()
                           if k in ("error", "loss")})
