@@ -16,10 +16,12 @@ The paper's recipe (section 5): SGD, momentum 0.9, weight decay 5e-4, batch 100,
 default is methods.md's recommendation of 100k iterations. ``--iterations N`` shortens a part and scales
 the decay with it (every N/4 iterations, so 4 equal phases at 0.1, 0.01, 0.001, 1e-4). Initialisation
 "vs" = TensorFlow's ``variance_scaling_initializer()`` (fan-in, scale 1, truncated normal), the official
-code's default; biases start at 0. SNIP scores one batch of 100 with BatchNorm-free nets (bn_mode is
-moot here) and the network is trained from the scored weights (``--reinit`` for the official code's
-fresh draw). Sparsity counts conv/linear weights only (``--include-bias`` to also prune the biases,
-whose score is 0 at init, as the official code does; the paper's m then includes them).
+code's default; biases start at 0 (``--init-bias vs``: variance-scaled for scoring, as the official code
+draws them). SNIP scores one batch of 100 with BatchNorm-free nets (bn_mode is moot here) and the
+network is trained from the scored weights (``--reinit`` for the official code's fresh draw, whose biases
+start at 0). Sparsity counts conv/linear weights only (``--include-bias`` to also prune the biases, as
+the official code does; the paper's m then includes them). ``--include-bias --reinit --init-bias vs``
+together are the official code's pipeline.
 
 The LSTM part uses no SGD recipe from the paper (none is given for RNNs beyond the general one); it
 trains with Adam lr 1e-3, no weight decay (the paper's setting for its RNN initialisation study,
@@ -41,6 +43,8 @@ and ``--threads 1`` (another job was using the other core):
     python benchmarks/snip_lenet.py --part timing
     python benchmarks/snip_lenet.py --threads 1 --part lenet300 --iterations 100000 [--keep-best]
     python benchmarks/snip_lenet.py --threads 1 --part lenet300 --iterations 100000 --include-bias --reinit --targets 0.95 0.98
+    python benchmarks/snip_lenet.py --threads 1 --part lenet300 --include-bias --reinit --init-bias vs --targets 0.95 0.98 --keep-best
+    python benchmarks/snip_lenet.py --threads 1 --part lenet5 --iterations 30000 --include-bias --reinit --init-bias vs --targets 0.99 --keep-best
     python benchmarks/snip_lenet.py --threads 1 --part lenet5 --iterations 6000 --targets 0
     python benchmarks/snip_lenet.py --threads 1 --part lenet5 --iterations 30000 --targets 0.98 0.99 [--keep-best]
     python benchmarks/snip_lenet.py --threads 1 --part lenet5 --targets 0.98 --keep-best --seeds K --results /tmp/K.json
@@ -98,6 +102,8 @@ PARTS = {
 def config_for(model: str, options: dict, sparsity: float, overrides: dict, seed: int, args) -> RunConfig:
     lstm = model == "lstm"
     iterations = args.lstm_iterations if lstm else args.iterations
+    if args.init_bias != "zeros" and sparsity:
+        options = {**options, "init_bias": args.init_bias}
     common = dict(model=model, model_options=dict(options), method="snip" if sparsity else "none",
                   sparsity=sparsity, init=args.init, include_bias=args.include_bias and bool(sparsity),
                   reinit=args.reinit and bool(sparsity), data_root=args.data_root, val_fraction=0.1,
@@ -115,6 +121,7 @@ def config_for(model: str, options: dict, sparsity: float, overrides: dict, seed
     name = f"{model}_{'dense' if not sparsity else f'snip{sparsity:g}'}_{iterations}it" \
            + (f"_{tag}" if tag else "".join(f"_{k}{v:g}" for k, v in overrides.items())) \
            + ("_bias" if common["include_bias"] else "") + ("_reinit" if common["reinit"] else "") \
+           + (f"_b{options['init_bias']}" if "init_bias" in options else "") \
            + ("_best" if args.keep_best else "") + ("" if args.init == "vs" else f"_{args.init}") + f"_s{seed}"
     return RunConfig(**common, out=str(Path(args.runs) / name))
 
@@ -135,7 +142,7 @@ def run_one(config: RunConfig) -> dict:
     return result
 
 
-def summarise(model, options, sparsity, outcomes, configs) -> dict:
+def summarise(model, sparsity, outcomes, configs) -> dict:
     """One row; the statistics are over the seeds that trained, and the diverged ones are listed apart."""
     diverged = [c.seed for c, r in zip(configs, outcomes) if "diverged" in r]
     results = [r for r in outcomes if "diverged" not in r]
@@ -143,7 +150,7 @@ def summarise(model, options, sparsity, outcomes, configs) -> dict:
     errors = [100 * r["error"]["test"] for r in results]
     cfg = configs[0]
     row = {
-        "model": model, "model_options": options, "method": cfg.method, "target_sparsity": sparsity,
+        "model": model, "model_options": cfg.model_options, "method": cfg.method, "target_sparsity": sparsity,
         "include_bias": cfg.include_bias, "reinit": cfg.reinit, "reinit_init": cfg.reinit_init,
         "keep_best": cfg.keep_best, "init": cfg.init,
         "iterations": cfg.iterations, "optimizer": cfg.optimizer, "lr": cfg.lr,
@@ -228,7 +235,9 @@ def markdown(data: dict) -> str:
             schedule = f"Adam lr {row['lr']:g}, x{row['gamma']:g} at {row['milestones']}"
         name = row["model"] + (" (embed)" if row["model_options"].get("embed") else "")
         fresh = f"fresh {row['reinit_init']} draw" if row.get("reinit_init") else "fresh draw"
-        variant = [v for v, on in (("biases pruned", row["include_bias"]), (fresh, row["reinit"]),
+        variant = [v for v, on in (("biases pruned", row["include_bias"]),
+                                   ("biases vs at scoring", row["model_options"].get("init_bias") == "vs"),
+                                   (fresh, row["reinit"]),
                                    ("best validation epoch", row.get("keep_best")),
                                    (f"scored at {row['init']}" if row.get("reinit_init") else f"init {row['init']}",
                                     row["init"] != "vs")) if on]
@@ -263,9 +272,10 @@ def markdown(data: dict) -> str:
               "here; `--keep-best` is the analogue with validation choosing); it trains a fresh draw of the "
               "weights (`weights_ap`) under the mask, not the scored ones (`--reinit`), and it scores and "
               "prunes the biases too (`--include-bias`): the rows marked "
-              "\"biases pruned, fresh draw\" ran both and are no better; it initialises biases with variance "
-              "scaling before pruning (`--initializer_b_bp vs` is the default; ours start at 0, so a pruned "
-              "bias scores 0) and with zeros for training; its default optimizer is plain SGD "
+              "\"biases pruned, fresh draw\" ran both; it initialises biases with variance scaling before "
+              "pruning (`--initializer_b_bp vs`, its default) and with zeros for training: `--init-bias vs` "
+              "does the same (rows marked \"biases vs at scoring\", so all three together are the official "
+              "pipeline; without it our biases start at 0, so a pruned bias scores 0); its default optimizer is plain SGD "
               "(`--optimizer momentum` gives the paper's momentum 0.9).", ""]
     return "\n".join(lines)
 
@@ -287,6 +297,8 @@ def main() -> None:
                         help="run only these networks of each part")
     parser.add_argument("--include-bias", action="store_true", help="prune biases too (official SNIP code)")
     parser.add_argument("--reinit", action="store_true", help="train from a fresh draw (official SNIP code)")
+    parser.add_argument("--init-bias", default="zeros", choices=["zeros", "vs"],
+                        help="biases of the scored network (official SNIP code: vs; a --reinit draw starts at 0)")
     parser.add_argument("--init", default="vs", choices=["vs", "vs-h", "vs-x"],
                         help="initialisation (vs: the official code's default; the paper's Table 3 found vs-h "
                              "marginally best)")
@@ -335,7 +347,7 @@ def main() -> None:
                 said = outcome["diverged"] if "diverged" in outcome else \
                     f"test error {100 * outcome['error']['test']:.2f}% sparsity {outcome['sparsity']:.4f}"
                 print(f"{Path(config.out).name}: {said} ({time.perf_counter() - started:.0f} s)", flush=True)
-            row = summarise(model, options, sparsity, outcomes, configs)
+            row = summarise(model, sparsity, outcomes, configs)
             key = Path(configs[0].out).name.rsplit("_s", 1)[0]
             data["configs"][key] = row
             print(f"== {key}: test error % {ours(row)} (paper {row['paper_error_pct']})", flush=True)

@@ -208,6 +208,22 @@ def test_init_std_option():
         build_model("lenet300-100", init="normal", init_std=-1)
 
 
+def test_init_bias_vs_draws_biases_as_the_snip_code():
+    model = build_model("lenet300-100", init="vs", seed=0, init_bias="vs")
+    for layer, n in ((model.fc1, 300), (model.fc2, 100)):  # TF: a 1-D tensor's fan_in is its length
+        assert abs(layer.bias.std().item() / math.sqrt(1 / n) - 1) < 0.2
+        assert layer.bias.abs().max() <= 2 * math.sqrt(1 / n) / 0.87962566103423978
+    plain = build_model("lenet300-100", init="vs", seed=0)
+    assert torch.count_nonzero(plain.fc1.bias) == 0
+    assert torch.equal(plain.fc1.weight, model.fc1.weight)  # the weights are drawn first, unchanged
+    lstm = build_model("lstm", init="vs", seed=0, init_bias="vs")
+    assert torch.count_nonzero(lstm.rnn.bias_ih_l0) == 0 and torch.count_nonzero(lstm.fc.bias) > 0
+    with pytest.raises(PrunelabError, match="init_bias 'he'; choose from: vs, zeros"):
+        build_model("lenet300-100", init="vs", init_bias="he")
+    with pytest.raises(PrunelabError, match="needs a non-default init"):
+        build_model("lenet300-100", init="default", init_bias="vs")
+
+
 def test_init_conv_rnn_and_batchnorm():
     # Conv fan_in = in_channels * k * k.
     conv = build_model("vgg16", init="vs-h", seed=0).features[-4]  # last conv (then BN, ReLU, pool)

@@ -195,6 +195,13 @@ def test_reinit_trains_a_fresh_draw_under_the_same_masks(tmp_path, data_root):
     c, _ = checkpoint.load_tensors(tmp_path / "vs-x" / "model.safetensors")
     expected = build_model("lenet300-100", init="vs-x", seed=derive_seed(0, "reinit") % 2**31).fc1.weight
     assert torch.equal(c["fc1.weight"], expected.detach() * c["mask::fc1.weight"])
+    # init_bias = "vs" (the SNIP code's biases before pruning): scored with them, the fresh draw starts at 0
+    options = {"model_options": {"init_bias": "vs"}}
+    lab_run.run(config(tmp_path, data_root, "bias", init="vs", **options, **base), echo=None)
+    lab_run.run(config(tmp_path, data_root, "bias-fresh", init="vs", reinit=True, **options, **base), echo=None)
+    d, _ = checkpoint.load_tensors(tmp_path / "bias" / "model.safetensors")
+    e, _ = checkpoint.load_tensors(tmp_path / "bias-fresh" / "model.safetensors")
+    assert torch.count_nonzero(d["fc1.bias"]) == 300 and torch.count_nonzero(e["fc1.bias"]) == 0
 
 
 def test_keep_best_ends_each_stage_on_its_lowest_validation_error(tmp_path, data_root):

@@ -403,13 +403,15 @@ class Run:
 
     def _rewind(self, stage: Stage, state: dict) -> None:
         """Replace the weights, keeping the masks: rewound to ``rewind.safetensors``, or (``reinit``) a
-        fresh draw with another seed, of the same initialisation or of ``reinit_init``."""
+        fresh draw with another seed, of the same initialisation or of ``reinit_init``, its biases at 0
+        whatever ``init_bias`` the scored network had (as the SNIP code's `initializer_b_ap = zeros`)."""
         cfg = self.config
         current = masking.masks(self.model)
         if stage.name == "reinit":
             seed = derive_seed(cfg.seed, "reinit") % 2**31
+            options = {k: v for k, v in cfg.model_options.items() if k != "init_bias"}
             fresh = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
-                                init=cfg.reinit_init or cfg.init, seed=seed, **cfg.model_options)
+                                init=cfg.reinit_init or cfg.init, seed=seed, **options)
             tensors, what = fresh.state_dict(), f"re-initialised ({cfg.reinit_init or cfg.init}, seed {seed})"
         else:
             tensors, _ = checkpoint.load_tensors(self.out / "rewind.safetensors")

@@ -16,8 +16,11 @@ Schemes (weights of Linear/Conv layers and RNN weight matrices; fan_in/fan_out a
 * ``truncated-normal`` (TN) N(0, std^2) cut at +-2 std, std = 0.1 by default, *not* rescaled
                        (like `tf.truncated_normal_initializer`), so the empirical std is 0.88*std.
 
-Non-default schemes set every bias of these layers to 0. Normalisation layers (BatchNorm etc.) are
-reset to weight 1, bias 0 and fresh running statistics. Other parameters are left as they are.
+Non-default schemes set every bias of these layers to 0, unless ``bias="vs"``: then Linear and Conv
+biases are drawn as the SNIP code draws them before pruning (`initializer_b_bp = vs`): TensorFlow's
+variance scaling of a 1-D tensor of n entries (fan_in = n), i.e. ``vs`` with fan_in = n; RNN biases stay
+0 (TensorFlow's LSTM cell starts its bias at 0). Normalisation layers (BatchNorm etc.) are reset to
+weight 1, bias 0 and fresh running statistics. Other parameters are left as they are.
 
 VS-H and VS-X here are the untruncated PyTorch forms; TensorFlow's `he_normal`/`glorot_normal`
 are truncated (and rescaled). Use ``vs`` for the SNIP code's actual default.
@@ -37,6 +40,7 @@ from torch import nn
 from ..errors import PrunelabError, unknown
 
 SCHEMES = ("default", "vs-h", "vs-x", "vs", "normal", "truncated-normal")
+BIAS_SCHEMES = ("zeros", "vs")
 _ALIASES = {"rn": "normal", "tn": "truncated-normal"}  # the names in SNIP's Table 3
 _TF_TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
 
@@ -48,6 +52,14 @@ def resolve_scheme(scheme: str) -> str:
     if key not in SCHEMES:
         raise unknown("init scheme", str(scheme), SCHEMES)
     return key
+
+
+def check_bias(bias: str, scheme: str) -> None:
+    """PrunelabError unless `bias` is a bias init that goes with the (resolved) weight `scheme`."""
+    if bias not in BIAS_SCHEMES:
+        raise unknown("init_bias", str(bias), BIAS_SCHEMES)
+    if bias != "zeros" and scheme == "default":
+        raise PrunelabError(f"init_bias {bias!r} needs a non-default init ('default' keeps PyTorch's biases)")
 
 
 def uses_std(scheme: str) -> bool:
@@ -91,22 +103,26 @@ def _init_rnn(rnn: nn.RNNBase, scheme, generator, std):
 
 @torch.no_grad()
 def initialize(model: nn.Module, scheme: str, generator: torch.Generator | None = None,
-               std: float = 0.1) -> nn.Module:
+               std: float = 0.1, bias: str = "zeros") -> nn.Module:
     """Re-initialise `model` in place with `scheme` (see the module docstring); returns it.
 
     generator: draws come from it (default: the global RNG). For "default", whose PyTorch code has
     no generator argument, a seed drawn from `generator` seeds a forked global RNG instead.
     std: the standard deviation of "normal" and "truncated-normal"; ignored by the others.
+    bias: "zeros", or "vs" for the SNIP code's variance-scaled Linear/Conv biases (not with "default").
     """
     scheme = resolve_scheme(scheme)
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not (0 < std < math.inf):
         raise PrunelabError(f"init std must be a positive number, got {std!r}")
+    check_bias(bias, scheme)
     if scheme == "default":
         return _reset_default(model, generator)
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             _fill(m.weight, scheme, *_fans(m.weight), generator, std)
-            if m.bias is not None:
+            if m.bias is not None and bias == "vs":
+                _fill(m.bias, "vs", m.bias.numel(), m.bias.numel(), generator, std)
+            elif m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.RNNBase):
             _init_rnn(m, scheme, generator, std)

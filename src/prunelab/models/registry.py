@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunelabError, unknown
-from .init import initialize, resolve_scheme, uses_std
+from .init import check_bias, initialize, resolve_scheme, uses_std
 
 # Number of classes of each default dataset; a model may be built for another count.
 _DATASET_CLASSES = {"mnist": 10, "mnist32": 10, "cifar10": 10}
@@ -79,12 +79,15 @@ def build_model(name: str, num_classes: int | None = None, init: str = "default"
     seed: if given, construction and initialisation draw from RNGs seeded with it, so one seed
         always gives bit-identical weights; the caller's global RNG state is left untouched.
     options: the architecture's own keywords (see `model_info(name).options`), plus `init_std`,
-        the standard deviation of the "normal" and "truncated-normal" schemes (default 0.1).
+        the standard deviation of the "normal" and "truncated-normal" schemes (default 0.1), and
+        `init_bias`, "zeros" (default) or "vs" (the SNIP code's variance-scaled biases; see `initialize`).
     """
     info = model_info(name)
     # Validate everything before building, so a typo fails fast even for the big models.
     init_std = options.pop("init_std", None)
+    init_bias = options.pop("init_bias", "zeros")
     scheme = resolve_scheme(init)
+    check_bias(init_bias, scheme)
     if init_std is not None:
         if not uses_std(scheme):
             raise PrunelabError(f"init_std applies only to init 'normal' or 'truncated-normal', not {init!r}")
@@ -104,7 +107,7 @@ def build_model(name: str, num_classes: int | None = None, init: str = "default"
         if scheme != "default":
             gen = None if seed is None else torch.Generator().manual_seed(seed)
             kwargs = {} if init_std is None else {"std": init_std}
-            initialize(model, scheme, generator=gen, **kwargs)
+            initialize(model, scheme, generator=gen, bias=init_bias, **kwargs)
         return model
 
     if seed is None:
