@@ -2,12 +2,16 @@
 
 import dataclasses
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from prunelab import checkpoint, masking
-from prunelab.errors import TrainingDiverged
+from prunelab.errors import PrunelabError, TrainingDiverged
 from prunelab.lab import run as lab_run
 from prunelab.lab.config import RunConfig
 from prunelab.models import build_model
@@ -67,7 +71,6 @@ def test_resume_equals_uninterrupted(tmp_path, data_root, monkeypatch):
 
 def test_resume_refuses_a_different_config(tmp_path, data_root):
     lab_run.run(config(tmp_path, data_root, epochs=1, finetune_epochs=0), echo=None)
-    from prunelab.errors import PrunelabError
     with pytest.raises(PrunelabError, match=r"different config \(sparsity 0.9 there, 0.5 here\)"):
         lab_run.run(config(tmp_path, data_root, epochs=1, finetune_epochs=0, sparsity=0.5), echo=None)
 
@@ -85,13 +88,11 @@ def test_resume_does_not_depend_on_where_the_data_is_read_from(tmp_path, data_ro
     assert lab_run.run(config(tmp_path, data_root, **short), echo=None)["error"] == first["error"]
     state["config_digest"] = "0badf00d"
     state_file.write_text(json.dumps(state))
-    from prunelab.errors import PrunelabError
     with pytest.raises(PrunelabError, match="different config"):
         lab_run.run(config(tmp_path, data_root, **short), echo=None)
 
 
 def test_a_folder_that_holds_no_run_is_never_written(tmp_path, data_root):
-    from prunelab.errors import PrunelabError
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.toml").write_text("# my own notes\n")
@@ -113,6 +114,30 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, data_r
     monkeypatch.undo()
     result = lab_run.run(cfg, echo=None)
     assert result["history"][-1]["steps"] == 3
+
+
+def test_a_folder_in_use_by_another_process_is_refused(tmp_path, data_root):
+    cfg = config(tmp_path, data_root, "busy", iterations=3, epochs=None, method="none", sparsity=0.0)
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    me = {"host": socket.gethostname(), "pid": os.getpid()}  # a live process holds the folder
+    (folder / "LOCK").write_text(json.dumps(me))
+    with pytest.raises(PrunelabError, match=f"busy is in use by process {os.getpid()} on "):
+        lab_run.run(cfg, echo=None)
+    assert [p.name for p in folder.iterdir()] == ["LOCK"]  # nothing written, the owner's lock kept
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / "LOCK").write_text(json.dumps({**me, "pid": int(gone.stdout)}))  # left by a process that ended
+    assert lab_run.run(cfg, echo=None)["history"][-1]["steps"] == 3
+    assert not (folder / "LOCK").exists()  # released at the end
+
+
+def test_the_lock_is_released_when_a_run_stops(tmp_path, data_root, monkeypatch):
+    cfg = config(tmp_path, data_root, "stops", iterations=3, epochs=None, method="none", sparsity=0.0)
+    monkeypatch.setattr(Trainer, "run_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        lab_run.run(cfg, echo=None)
+    assert (tmp_path / "stops" / "state.json").exists() and not (tmp_path / "stops" / "LOCK").exists()
 
 
 def test_a_diverging_run_says_so_in_its_log(tmp_path, data_root):
@@ -142,7 +167,6 @@ def test_rewind_early_rewinds_to_the_given_step(tmp_path, data_root):
     (dict(rewind="early", rewind_iteration=7), "past the end of pre-training"),
 ])
 def test_rewind_iteration_is_checked_before_training(tmp_path, data_root, overrides, message):
-    from prunelab.errors import PrunelabError
     with pytest.raises(PrunelabError, match=message):
         lab_run.run(config(tmp_path, data_root, "bad", iterations=6, epochs=None, **overrides), echo=None)
     assert not (tmp_path / "bad").exists()
@@ -216,7 +240,6 @@ def test_keep_best_ends_each_stage_on_its_lowest_validation_error(tmp_path, data
 
 
 def test_keep_best_needs_validation_data(tmp_path, data_root):
-    from prunelab.errors import PrunelabError
     with pytest.raises(PrunelabError, match="keep_best"):
         lab_run.resolve(config(tmp_path, data_root, keep_best=True, val_fraction=0.0))
 

@@ -7,7 +7,8 @@ the same result as an uninterrupted run, because every epoch's randomness derive
 epoch) and the learning rate is a pure function of the step.
 
 Run folder: ``config.toml``, ``state.json``, ``ckpt-*.safetensors`` (the latest only), ``rewind.safetensors``
-(weights rewound to), ``model.safetensors`` (final weights and masks), ``log.txt``, ``result.json``.
+(weights rewound to), ``model.safetensors`` (final weights and masks), ``log.txt``, ``result.json``, and
+while a process runs it, ``LOCK`` (a second process on the same folder is refused; see lock.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..methods import check_layers
 from ..models import build_model, model_info
 from ..models.init import resolve_scheme
 from ..training import Trainer, derive_seed, evaluate
+from . import lock
 from .config import REWIND, SCOPES, UNHASHED, WHEN, RunConfig, to_toml
 
 RESULT_SCHEMA = "prunelab.result/1"
@@ -223,7 +225,7 @@ class Run:
         (``ours``: it holds this config's state.json), so that no file of the user's is overwritten."""
         if self.out.exists() and not self.out.is_dir():
             raise PrunelabError(f"run folder {self.out} is a file; choose another --out")
-        if not ours and self.out.is_dir() and any(self.out.iterdir()):
+        if not ours and self.out.is_dir() and any(p.name != lock.NAME for p in self.out.iterdir()):
             raise PrunelabError(f"{self.out} is not empty and holds no prunelab run (no state.json); choose "
                                 "another --out, so that its files are not overwritten")
         try:
@@ -270,6 +272,13 @@ class Run:
                 raise PrunelabError(f"rewind_iteration {cfg.rewind_iteration} is past the end of pre-training "
                                     f"({steps} steps)")
         self._claim_folder(ours=state is not None)
+        with lock.hold(self.out):
+            # read again under the lock: a process that held the folder may have moved the run on
+            return self._continue(self._load_state())
+
+    def _continue(self, state: dict | None) -> dict:
+        """Start or resume the run from `state` (None: from the beginning) and finish it."""
+        cfg = self.config
         if state is not None and state.get("checkpoint") is None:
             state = None  # stopped before its first checkpoint: start again
         if state is None:
