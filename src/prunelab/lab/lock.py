@@ -55,7 +55,8 @@ def hold(folder: Path) -> Iterator[None]:
             if owner.get("gone"):
                 continue  # released between our attempt and the read: try again
             if _owner_alive(owner):
-                who = f"process {owner['pid']} on {owner['host']}" if "pid" in owner else "another process"
+                who = f"process {owner['pid']}" if "pid" in owner else "another process"
+                who += f" on {owner['host']}" if "host" in owner else ""
                 raise PrunelabError(f"run folder {folder} is in use by {who}; wait for it to finish, or "
                                     f"delete {path} if no run is using the folder") from None
             path.unlink(missing_ok=True)  # its owner is gone
