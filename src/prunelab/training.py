@@ -184,7 +184,7 @@ class Trainer:
         bar.close()
         if seen and not math.isfinite(loss_sum.item()):
             raise TrainingDiverged(f"training diverged (loss is {loss_sum.item()}) in stage {self.stage} "
-                                f"epoch {epoch + 1}; lower the learning rate")
+                                   f"epoch {epoch + 1}; lower the learning rate")
         return {"stage": self.stage, "epoch": epoch + 1, "steps": step, "lr": lr_at(config, step - 1, self.steps_per_epoch),
                 "train_loss": loss_sum.item() / max(seen, 1), "train_error": wrong.item() / max(seen, 1),
                 "seconds": time.perf_counter() - started}
