@@ -126,7 +126,7 @@ def config_for(model: str, options: dict, sparsity: float, overrides: dict, seed
     return RunConfig(**common, out=str(Path(args.runs) / name))
 
 
-def run_one(config: RunConfig) -> dict:
+def run_one(config: RunConfig, verbose: bool = False) -> dict:
     out = Path(config.out)
     done = out / "result.json"
     if done.exists():
@@ -135,7 +135,9 @@ def run_one(config: RunConfig) -> dict:
             return saved
     started = time.perf_counter()
     try:
-        result = lab_run(config, progress=False, echo=None)
+        name = Path(config.out).name
+        result = lab_run(config, progress=False, echo=(lambda line: print(f"{name}: {line}", flush=True))
+                         if verbose else None)
     except TrainingDiverged as error:  # a row records it; the other seeds still run
         return {"diverged": str(error)}
     result["benchmark_wall_s"] = time.perf_counter() - started
@@ -305,6 +307,7 @@ def main() -> None:
     parser.add_argument("--keep-best", action="store_true",
                         help="end on the epoch with the lowest validation error (the official code reports "
                              "its best test checkpoint; here validation chooses)")
+    parser.add_argument("--verbose", action="store_true", help="print every run's log lines (one per epoch)")
     parser.add_argument("--runs", default="runs/snip_lenet")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -342,7 +345,7 @@ def main() -> None:
             outcomes = []
             for config in configs:
                 started = time.perf_counter()
-                outcome = run_one(config)
+                outcome = run_one(config, args.verbose)
                 outcomes.append(outcome)
                 said = outcome["diverged"] if "diverged" in outcome else \
                     f"test error {100 * outcome['error']['test']:.2f}% sparsity {outcome['sparsity']:.4f}"
