@@ -147,8 +147,7 @@ def run_one(config: RunConfig, verbose: bool = False) -> dict:
 def summarise(model, sparsity, outcomes, configs) -> dict:
     """One row; the statistics are over the seeds that trained, and the diverged ones are listed apart."""
     diverged = [c.seed for c, r in zip(configs, outcomes) if "diverged" in r]
-    results = [r for r in outcomes if "diverged" not in r]
-    finished = [c for c, r in zip(configs, outcomes) if "diverged" not in r]
+    finished, results = [c for c in configs if c.seed not in diverged], [r for r in outcomes if "diverged" not in r]
     errors = [100 * r["error"]["test"] for r in results]
     cfg = configs[0]
     row = {
