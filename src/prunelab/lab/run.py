@@ -418,10 +418,11 @@ class Run:
         current = masking.masks(self.model)
         if stage.name == "reinit":
             seed = derive_seed(cfg.seed, "reinit") % 2**31
+            init = cfg.reinit_init or cfg.init
             options = {k: v for k, v in cfg.model_options.items() if k != "init_bias"}
             fresh = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
-                                init=cfg.reinit_init or cfg.init, seed=seed, **options)
-            tensors, what = fresh.state_dict(), f"re-initialised ({cfg.reinit_init or cfg.init}, seed {seed})"
+                                init=init, seed=seed, **options)
+            tensors, what = fresh.state_dict(), f"re-initialised ({init}, seed {seed})"
         else:
             tensors, _ = checkpoint.load_tensors(self.out / "rewind.safetensors")
             what = f"rewound ({cfg.rewind})"
