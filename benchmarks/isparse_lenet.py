@@ -1,11 +1,11 @@
 """iSparse (Garg & Candan, ICMR 2020) LeNet-5 experiment on real MNIST: sparsify-with against its competitors.
 
-    OMP_NUM_THREADS=1 PRUNELAB_DATA=../shared/datasets python benchmarks/isparse_lenet.py [--epochs 15]
+    OMP_NUM_THREADS=1 PRUNELAB_DATA=/path/to/datasets python benchmarks/isparse_lenet.py [--epochs 15]
 
 The paper's Figs. 1/5/7 use LeNet-5 on MNIST and compare iSparse with PFEC, NISP, DropConnect and
-Retrain-free at sparsification factors 5%..50% (methods.md 5.5); its figures give no numbers we can read,
-so the only quantitative claim to hold against is the headline (VGG-16 / ImageNet: 50% costs <= 6% top-1
-with iSparse, ~16% with Retrain-free; the abstract: 30-50% "without impacting" accuracy).
+Retrain-free at sparsification factors 5%..50% (docs/methods/isparse.md); its figures give no numbers we can
+read, so the only quantitative claim to hold against is the headline (VGG-16 / ImageNet: 50% costs <= 6%
+top-1 with iSparse, ~16% with Retrain-free; the abstract: 30-50% "without impacting" accuracy).
 
 1. Train LeNet-5-Caffe (ReLU after the convs) once, through the lab (run folder ``<runs>/dense``, reused
    when it exists): SGD momentum 0.9, lr 0.01 with a cosine decay, weight decay 5e-4, batch 100,
@@ -24,7 +24,7 @@ with iSparse, ~16% with Retrain-free; the abstract: 30-50% "without impacting" a
 3. Time iSparse scoring of LeNet-5-Caffe on 1000 images (``prunelab.scores``, best and median of 5).
 4. Train-with at 50%: the same recipe from scratch with iSparse masks recomputed after every epoch (a lab
    run, ``<runs>/train-with-50``). Masks never revive, so the first recomputation fixes them (see
-   ``prunelab.criteria.isparse.TrainWith``).
+   ``prunelab.schedules.Periodic``).
 
 Writes benchmarks/results/isparse_lenet.json, .png (accuracy against factor) and .md.
 """
@@ -115,7 +115,8 @@ def sweep(dense, splits, factors, args):
             target = ratios[s]["channel_ratio"] if method in STRUCTURED else s
             if name in ("isparse", "retrain-free"):
                 options = {**options, "examples": args.examples}
-            report = prunelab.prune(model, name, target, train_set, seed=args.seed, **options)
+            amount = {"channels" if name in STRUCTURED else "sparsity": target}
+            report = prunelab.prune(model, name, data=train_set, seed=args.seed, **amount, **options)
             row = {"method": method, "factor": s, "target": target, "edge_sparsity": report.sparsity,
                    "prune_seconds": report.seconds, **evaluate_pruned(model, val, test)}
             if method in STRUCTURED:
@@ -238,7 +239,7 @@ def markdown(results) -> str:
         timing += f" (reused the finished runs {', '.join(results['reused_runs'])}: their training is not included)"
     lines += ["", timing + f"; dense training {dense['train_seconds'] / 60:.1f} min. Paper (VGG-16, ImageNet): "
                   "50% costs <= 6% top-1 with iSparse, ~16% with Retrain-free. The iSparse score is our "
-                  "reconstruction (methods.md 5.1)."]
+                  "reconstruction (docs/methods/isparse.md)."]
     return "\n".join(lines) + "\n"
 
 

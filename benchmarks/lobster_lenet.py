@@ -5,8 +5,8 @@
     python benchmarks/lobster_lenet.py lenet5   [--epochs 1000]
 
 Runs go through the lab (`prunelab run --method lobster`), so they checkpoint every epoch and resume when
-started again. Settings of the paper's LeNet experiments (methods.md 4.5): SGD lr 0.1 without momentum,
-lambda 1e-4, PWE 20, TWT 0.05, batch 100, a 5,000-image validation set from the training set. The
+started again. Settings of the paper's LeNet experiments (docs/methods/lobster.md): SGD lr 0.1 without
+momentum, lambda 1e-4, PWE 20, TWT 0.05, batch 100, a 5,000-image validation set from the training set. The
 trajectory (every pruning phase) goes to benchmarks/results/lobster_<model>.json.
 """
 
@@ -22,7 +22,7 @@ import prunelab
 from prunelab.checkpoint import write_json
 from prunelab.lab.config import RunConfig
 from prunelab.lab.run import run
-from prunelab.lobster import Regulariser, covered_parameters
+from prunelab.criteria.lobster import Regulariser, covered_parameters
 
 PAPER = {"lenet300-100": [{"compression_ratio": 50.04, "test_error": 0.0165},
                           {"compression_ratio": 114.92, "test_error": 0.0195}],
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plateau-tolerance", type=float, default=0.01,
-                        help="an epoch is good if val loss < best x (1 + this); methods.md reads +0.01, "
+                        help="an epoch is good if val loss < best x (1 + this); the authors' code uses +0.01, "
                              "-0.01 is the ReduceLROnPlateau-style reading (improve by 1%%)")
     parser.add_argument("--tag", default="", help="suffix of the run folder and results file")
     args = parser.parse_args()

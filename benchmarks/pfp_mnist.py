@@ -1,6 +1,7 @@
-"""PFP against PFEC ("FT") and SoftNet on MNIST (PFP paper, Table 1; methods.md 2.5 / 6).
+"""PFP against PFEC ("FT") and SoftNet on MNIST (PFP paper, Table 1; docs/methods/pfp.md,
+docs/methods/pfec-softnet.md).
 
-    OMP_NUM_THREADS=1 PRUNELAB_DATA=../shared/datasets python benchmarks/pfp_mnist.py \
+    OMP_NUM_THREADS=1 PRUNELAB_DATA=/path/to/datasets python benchmarks/pfp_mnist.py \
         [--models lenet300-100 pfp-lenet5] [--epochs 40] [--finetune-epochs 8] [--seed 0]
 
 For each model: train the dense network with the paper's recipe (SGD, momentum 0.9, lr 0.01, weight decay
@@ -88,9 +89,9 @@ def one_run(name, dense, splits, method, ratio, args):
     train_set, val, test = splits
     model = masking.copy_model(dense)
     if method == "pfp":
-        report = prunelab.prune(model, "pfp", ratio, data=val, seed=args.seed, delta=DELTA[name], target="all")
+        report = prunelab.prune(model, "pfp", parameters=ratio, data=val, seed=args.seed, delta=DELTA[name])
     else:
-        report = prunelab.prune(model, method, ratio, data=train_set, seed=args.seed)
+        report = prunelab.prune(model, method, channels=ratio, data=train_set, seed=args.seed)
     after_prune = prunelab.evaluate(model, test)["error"]
     ft = args.finetune_epochs
     seconds = train(model, train_set, ft, args.seed, 1, [max(1, math.ceil(0.75 * ft))]) if ft else 0.0

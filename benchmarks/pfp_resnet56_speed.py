@@ -1,6 +1,6 @@
 """Is a PFP-pruned ResNet-56 really faster? Channel masks -> physically smaller model -> CPU latency.
 
-    PRUNELAB_DATA=../shared/datasets python benchmarks/pfp_resnet56_speed.py [--fr 0.5] [--threads 1 2] [--ratio R]
+    PRUNELAB_DATA=/path/to/datasets python benchmarks/pfp_resnet56_speed.py [--fr 0.5] [--threads 1 2] [--ratio R]
 
 Builds ResNet-56 (option A) for CIFAR-10, prunes it with PFP channel masks (S drawn from the CIFAR-10
 training split) at the prune ratio whose physically smaller model removes ``--fr`` of the FLOPs (found
@@ -50,8 +50,8 @@ def prune_to(ratio: float, train, example, weights=None, method: str = "pfp", ro
     model = prunelab.build_model("resnet56", seed=0)
     if weights is not None:
         model.load_state_dict(weights)
-    options = {"round_to": round_to} if method == "pfp" else {}
-    prunelab.prune(model, method, ratio, train, seed=0, **options)
+    options = {"round_to": round_to, "sparsity": ratio} if method == "pfp" else {"channels": ratio}
+    prunelab.prune(model, method, data=train, seed=0, **options)
     small, report = prunelab.compact(model, example[:16])
     costs = structure.structured_metrics(model, small, example[:1], latency=False)
     return model, small, report, costs

@@ -1,9 +1,9 @@
 """NNrelief on MNIST: LeNet-300-100 and LeNet-5-Caffe (with ReLU), iterative prune + rewind + retrain.
 
-    OMP_NUM_THREADS=1 PRUNELAB_DATA=../shared/datasets python benchmarks/relief_mnist.py \
+    OMP_NUM_THREADS=1 PRUNELAB_DATA=/path/to/datasets python benchmarks/relief_mnist.py \
         [--models lenet300-100 lenet5-caffe] [--iterations 5] [--epochs 60] [--seeds 0 1 2] [--no-keep-best]
 
-The authors' LeNet recipe (methods.md 3.3 / 3.5): inputs scaled to [0, 1] only, Adam lr 1e-3, batch 120,
+The authors' LeNet recipe (docs/methods/relief.md): inputs scaled to [0, 1] only, Adam lr 1e-3, batch 120,
 weight decay 5e-4, 60 epochs with lr x0.1 at epoch 30; then ``--iterations`` rounds of NNrelief
 (alpha_fc 0.95, alpha_conv 0.9, 1000 pruning images drawn with the seed), each followed by rewinding
 the surviving weights to their initial values and retraining with the same recipe. ``--epochs``
@@ -12,10 +12,10 @@ folder under runs/relief_mnist/ (checkpointed per epoch: an interrupted benchmar
 
 Reported per round: remaining weights of the conv/fc layers (% of the original), per-layer remaining %,
 remaining neurons/filters, test and validation error, mean +- std over the seeds. With ``--keep-best``
-(default) every (re)training ends on its epoch with the lowest validation error: the authors' code kept
-the best *test* checkpoint (methods.md 3.6); the test set here is only reported. Finished runs are read
-back from their folders, so seeds can run in parallel processes and a last call collects them all.
-Writes benchmarks/results/relief_mnist.json and .md.
+(default) every (re)training ends on its epoch with the lowest validation error: the authors' code kept the
+best *test* checkpoint (docs/methods/relief.md); the test set here is only reported. Finished runs are read
+back from their folders, so seeds can run in parallel processes and a last call collects them all. Writes
+benchmarks/results/relief_mnist.json and .md.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ Parts (``--part``, repeatable; each writes its rows into the same results, merge
 
 The paper's recipe (section 5): SGD, momentum 0.9, weight decay 5e-4, batch 100, lr 0.1 times 0.1 every
 25k iterations, 10% of the training set held out for validation. (The dense LeNet-5-Caffe diverges at lr
-0.1, so its reference trains at 0.01; see PARTS.) The total length is not stated; the
-default is methods.md's recommendation of 100k iterations. ``--iterations N`` shortens a part and scales
-the decay with it (every N/4 iterations, so 4 equal phases at 0.1, 0.01, 0.001, 1e-4). Initialisation
+0.1, so its reference trains at 0.01; see PARTS.) The total length is not stated; the default, 100k
+iterations, is our choice (the schedule in docs/methods/snip.md). ``--iterations N`` shortens a part and
+scales the decay with it (every N/4 iterations, so 4 equal phases at 0.1, 0.01, 0.001, 1e-4). Initialisation
 "vs" = TensorFlow's ``variance_scaling_initializer()`` (fan-in, scale 1, truncated normal), the official
 code's default; biases start at 0 (``--init-bias vs``: variance-scaled for scoring, as the official code
 draws them). SNIP scores one batch of 100 with BatchNorm-free nets (bn_mode is moot here) and the

@@ -69,7 +69,7 @@ BAD = [
      ["reinit_init names the initialisation of reinit's fresh draw: set reinit = true"]),
     (["--model", "lenet300-100", "--method", "snip", "--sparsity", "0.9", "--reinit", "--reinit-init", "vsx"],
      ["unknown init scheme 'vsx'"]),
-    (["--model", "lstm", "--method", "pfec", "--sparsity", "0.5"],
+    (["--model", "lstm", "--method", "pfec", "--channels", "0.5"],
      ["method 'pfec' prunes Linear and Conv2d layers only", "LSTM 'rnn'"]),
     (["--model", "lenet300-100", "--method", "pfp", "--sparsity", "0.5", "--delta", "0.1", "--method-option",
       "delta=0.2"], ["method option delta given twice"]),
@@ -88,8 +88,9 @@ def test_residual_net_refused_before_training(method, data_root, capsys, tmp_pat
     if not (data_root / "cifar10" / "cifar-10-batches-py").is_dir():
         pytest.skip("CIFAR-10 not under the data root")
     monkeypatch.setattr(Trainer, "run_epoch", lambda *a, **k: pytest.fail("trained before refusing"))
+    target = "--channels" if method == "nisp" else "--sparsity"
     code, _, err = run_cli("run", "--model", "resnet20", "--dataset", "cifar10", "--method", method,
-                           "--sparsity", "0.5", "--data-root", str(data_root), "--out", str(tmp_path / "r"),
+                           target, "0.5", "--data-root", str(data_root), "--out", str(tmp_path / "r"),
                            capsys=capsys)
     assert_usage_error(code, err, f"{method} propagates significance along plain Conv2d/Linear chains",
                        "residual addition")

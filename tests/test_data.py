@@ -132,16 +132,11 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_mnist_loads_normalised_and_second_call_is_cached(data_root):
     registry._decoded.cache_clear()
-    t0 = time.perf_counter()
     splits = load_dataset("mnist", root=data_root, download=False)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
     train, val, test = load_dataset("MNIST", root=data_root, download=False)  # case-insensitive
-    second = time.perf_counter() - t0
 
     assert isinstance(splits, DatasetSplits)
     assert registry._decoded.cache_info().hits >= 1  # the second call reused the decoded arrays
-    assert first < 20 and second < 3, (first, second)
     assert train.inputs.shape == (54000, 1, 28, 28)
     assert val.inputs.shape == (6000, 1, 28, 28)
     assert test.inputs.shape == (10000, 1, 28, 28)
@@ -598,4 +593,4 @@ def test_mnist32_is_mnist_resized_for_pfp_lenet5():
     assert train.augment is not None and test.augment is None
     from prunelab.lab.run import resolve
     from prunelab.lab.config import RunConfig
-    assert resolve(RunConfig(model="pfp-lenet5", method="pfec", sparsity=0.5)).dataset == "mnist32"
+    assert resolve(RunConfig(model="pfp-lenet5", method="pfec", channels=0.5)).dataset == "mnist32"

@@ -8,7 +8,8 @@ from torch import nn
 
 import prunelab
 from prunelab import PrunelabError, masking
-from prunelab.criteria.isparse import TrainWith, when_from
+from prunelab.criteria.isparse import when_from
+from prunelab.schedules import Periodic
 from prunelab.data.arrays import ArrayDataset
 from prunelab.lab import run as lab_run
 from prunelab.lab.config import RunConfig, fold_method_flags
@@ -272,29 +273,29 @@ def test_train_with_schedule_interval_ramp_and_resume():
     gen = torch.Generator().manual_seed(0)
     data = ArrayDataset(torch.randn(64, 1, 4, 4, generator=gen), torch.randint(0, 3, (64,), generator=gen), "abc")
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
-    schedule = TrainWith(model, {"mode": "train-with", "interval": 2, "ramp": 2}, sparsity=0.5, data=data, seed=0)
+    schedule = Periodic(model, "isparse", sparsity=0.5, data=data, interval=2, ramp=2, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     schedule.attach(optimizer)
-    assert schedule.after_epoch(1, 0.0, data, data) is None  # interval 2: nothing after epoch 1
-    first = schedule.after_epoch(2, 0.0, data, data)
+    assert schedule.epoch_end() is None  # interval 2: nothing after epoch 1
+    first = schedule.epoch_end()
     assert first["target_sparsity"] == pytest.approx(0.25) and first["sparsity"] == pytest.approx(0.25)
     masks_after_first = prunelab.masks(model)
     with torch.no_grad():  # training moves the weights on; the next recomputation sees them
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen))
     state, tensors = schedule.state()
-    second = schedule.after_epoch(4, 0.0, data, data)
+    second = schedule.epoch_end(epoch=4)
     assert second["sparsity"] == pytest.approx(0.5) and second["changed"] == 32 + 6  # 96 -> 64 and 18 -> 12 kept
     assert all(not (prunelab.masks(model)[n] & ~m).any() for n, m in masks_after_first.items())  # no revival
     assert "sparsity 0.5000" in schedule.describe(second)
-    resumed = TrainWith(model, {"mode": "train-with", "interval": 2, "ramp": 2}, sparsity=0.5, data=data, seed=0)
+    resumed = Periodic(model, "isparse", sparsity=0.5, data=data, interval=2, ramp=2, seed=0)
     resumed.load(state, tensors)
-    assert resumed.recomputations == 1 and resumed.target(resumed.recomputations + 1) == 0.5
-    assert not schedule.done()
+    assert len(resumed.events) == 1 and resumed.epochs == 2 and resumed.target(len(resumed.events) + 1) == 0.5
+    assert not schedule.done
     with pytest.raises(PrunelabError, match="unknown option"):
-        TrainWith(model, {"intervals": 2}, sparsity=0.5, data=data, seed=0)
+        Periodic(model, "isparse", sparsity=0.5, data=data, intervals=2, seed=0)
     with pytest.raises(PrunelabError, match="interval must be a positive integer"):
-        TrainWith(model, {"interval": 0}, sparsity=0.5, data=data, seed=0)
+        Periodic(model, "isparse", sparsity=0.5, data=data, interval=0, seed=0)
 
 
 # --- competitors --------------------------------------------------------------------------------------------
@@ -302,21 +303,21 @@ def test_train_with_schedule_interval_ramp_and_resume():
 def test_nisp_removes_whole_neurons_and_the_useless_one_first():
     net = two_layer()
     # NISP importance of the hidden layer = N_h = (1, 0): at 50% of the neurons, hidden neuron 1 goes
-    report = prunelab.prune(net, "nisp", 0.5, X)
+    report = prunelab.prune(net, "nisp", data=X, channels=0.5)
     masks = prunelab.masks(net)
     assert masks["0.weight"].tolist() == [[True] * 3, [False] * 3]
     assert masks["0.bias"].tolist() == [True, False] and masks["2.weight"][:, 1].tolist() == [False, False]
     assert "2.bias" not in masks  # the output layer is never pruned
     assert report.kept == 3 + 2 and report.method == "nisp"
     with pytest.raises(PrunelabError, match="scope must be 'layer'"):
-        prunelab.prune(two_layer(), "nisp", 0.5, X, scope="global")
+        prunelab.prune(two_layer(), "nisp", data=X, channels=0.5, scope="global")
 
 
 def test_nisp_on_lenet5_masks_whole_channels(data_root):
     train, _, _ = prunelab.load_dataset("mnist", root=data_root)
     model = prunelab.build_model("lenet5-caffe", seed=0, relu=True)
     importance = prunelab.scores(model, "nisp", train)
-    prunelab.prune(model, "nisp", 0.4, train)
+    prunelab.prune(model, "nisp", data=train, channels=0.4)
     masks = prunelab.masks(model)
     alive_in = torch.ones(1, dtype=torch.bool)  # the image
     for name, n in (("conv1.weight", 20), ("conv2.weight", 50), ("fc3.weight", 500), ("fc4.weight", 10)):
@@ -353,7 +354,7 @@ def test_dropconnect_is_seeded_and_uniform_per_layer():
 @pytest.mark.parametrize("method", ["isparse", "nisp"])
 def test_structure_check_refuses_residual_nets_from_weights_alone(method):
     spec = prunelab.pruning.get_method(method)
-    options = dict(spec.options)
+    options = spec.options.defaults()
     resnet = prunelab.build_model("resnet20", seed=0)
     with pytest.raises(PrunelabError, match=rf"{method} propagates .* written by 4 layers .*residual"):
         spec.check_structure(resnet, masking.prunable_parameters(resnet), torch.zeros(1, 3, 32, 32), options)

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prunelab
-from prunelab import lobster, masking
+from prunelab import masking
+from prunelab.criteria import lobster
+from prunelab.schedules import Lobster
 from prunelab.lab import run as lab_run
 from prunelab.lab.config import RunConfig
 
@@ -78,7 +80,7 @@ def test_threshold_search_removes_something_when_tolerance_allows():
 
 def test_pinned_parameters_stay_zero_through_momentum_training():
     model = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
-    schedule = lobster.LobsterSchedule(model, {"lambda": 1e-2})
+    schedule = Lobster(model, val_data=None, options={"lambda": 1e-2})
     masking.attach(model, lobster.apply_threshold(schedule.params, 0.2))  # a pruning phase's result
     pinned = {n: (p == 0).clone() for n, p in schedule.params.items()}
     assert "2.weight" in pinned and "1.bias" in pinned  # BN and biases are covered, as in the paper
@@ -88,6 +90,7 @@ def test_pinned_parameters_stay_zero_through_momentum_training():
         opt.zero_grad()
         nn.functional.cross_entropy(model(torch.randn(32, 8)), torch.randint(0, 4, (32,))).backward()
         opt.step()
+        schedule.step()
     for name, zero in pinned.items():
         assert torch.count_nonzero(schedule.params[name][zero]) == 0, name
 
@@ -103,7 +106,7 @@ def test_plateau_detector():
 
 def test_unknown_option_is_refused():
     with pytest.raises(prunelab.PrunelabError, match="unknown option.*lobster"):
-        lobster.LobsterSchedule(nn.Linear(2, 2), {"lamda": 1e-4})
+        Lobster(nn.Linear(2, 2), val_data=None, lamda=1e-4)
 
 
 def lobster_config(tmp_path, data_root, name, **overrides):
@@ -146,7 +149,7 @@ def test_cli_flags_and_refusals(tmp_path, data_root, capsys):
     from prunelab import cli
     code = cli.main(["run", "--model", "lenet300-100", "--method", "lobster", "--sparsity", "0.5",
                      "--out", str(tmp_path / "x")])
-    assert code == 2 and "finds its own sparsity" in capsys.readouterr().err
+    assert code == 2 and "decides how much to prune itself" in capsys.readouterr().err
     config = tmp_path / "c.toml"
     config.write_text(f'model = "lenet300-100"\nmethod = "lobster"\nlambda = 0.001\npwe = 1\nepochs = 1\n'
                       f'batch_size = 1000\nlatency = false\ndata_root = "{data_root}"\nout = "{tmp_path / "r"}"\n')

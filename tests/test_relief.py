@@ -167,7 +167,7 @@ def test_removed_units_compact_away_with_equal_outputs():
         model[0].weight[2].zero_()
         model[0].bias[2] = -1.0  # dead unit
     x = torch.rand(64, 4)
-    prunelab.prune(model, "relief", 0.0, x, alpha_fc=0.9)
+    prunelab.prune(model, "relief", data=x, alpha_fc=0.9)
     small, report = prunelab.compact(model, x[:8])
     assert report.max_abs_diff < 1e-5
     assert small[0].out_features == 4 and small[2].in_features == 4  # the dead unit is gone for real
@@ -180,7 +180,7 @@ def test_same_seed_same_masks_and_pruning_set_is_seeded():
     masks = []
     for seed in (0, 0, 1):
         model = prunelab.build_model("lenet300-100", seed=0)
-        prunelab.prune(model, "relief", 0.0, train, seed=seed, examples=200)
+        prunelab.prune(model, "relief", data=train, seed=seed, examples=200)
         masks.append(masking.masks(model)["fc1.weight"])
     assert torch.equal(masks[0], masks[1])
     assert not torch.equal(masks[0], masks[2])
@@ -188,25 +188,25 @@ def test_same_seed_same_masks_and_pruning_set_is_seeded():
 
 @pytest.mark.parametrize("options, message", [
     ({"alpha_fc": 1.5}, "alpha_fc must be in (0, 1]"),
-    ({"conv_reduce": "max"}, "unknown conv_reduce"),
-    ({"selection": "greedy"}, "unknown selection"),
+    ({"conv_reduce": "max"}, "conv_reduce must be one of: fro, fro_of_mean, sum"),
+    ({"selection": "greedy"}, "selection must be one of: paper, code"),
     ({"examples": 0}, "examples must be a positive integer"),
 ])
 def test_bad_options_are_named(options, message):
     model = three_layer()
     with pytest.raises(PrunelabError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        prunelab.prune(model, "relief", 0.0, torch.rand(8, 4), **options)
+        prunelab.prune(model, "relief", data=torch.rand(8, 4), **options)
 
 
 def test_recurrent_layers_are_refused():
     model = prunelab.build_model("lstm", seed=0)
     with pytest.raises(PrunelabError, match="method .relief. prunes Linear and Conv2d layers only; rnn.weight_ih_l0 belongs to LSTM"):
-        prunelab.prune(model, "relief", 0.0, torch.rand(8, 1, 28, 28))
+        prunelab.prune(model, "relief", data=torch.rand(8, 1, 28, 28))
 
 
 def test_needs_data():
     with pytest.raises(PrunelabError, match="needs data"):
-        prunelab.prune(three_layer(), "relief", 0.0)
+        prunelab.prune(three_layer(), "relief")
 
 
 def test_residual_block_rule_removes_weak_conv2_filters():
@@ -241,5 +241,13 @@ def test_lab_runs_iterations_with_rewinding(tmp_path, data_root):
 
 
 def test_lab_refuses_a_sparsity_target_for_relief():
-    with pytest.raises(PrunelabError, match="finds its own sparsity"):
+    with pytest.raises(PrunelabError, match="decides how much to prune itself .*drop the target sparsity"):
         lab_run.resolve(RunConfig(model="lenet300-100", method="relief", sparsity=0.9))
+
+
+@pytest.mark.parametrize("target", ["sparsity", "channels"])
+def test_a_target_for_relief_is_an_error_not_a_silent_no_op(target):
+    model = three_layer()
+    with pytest.raises(PrunelabError, match=f"'relief' decides how much to prune itself.*drop the target {target}"):
+        prunelab.prune(model, "relief", data=torch.rand(8, 4), **{target: 0.5})
+    assert not prunelab.masks(model)

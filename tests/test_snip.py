@@ -155,7 +155,9 @@ def test_several_batches_from_a_dataset(mnist):
     assert not torch.equal(one["fc1.weight"], three["fc1.weight"])
     small = ArrayDataset(mnist.inputs[:250], mnist.targets[:250], mnist.classes)
     with pytest.raises(prunelab.PrunelabError, match="too few"):
-        prunelab.scores(model, "snip", small, batches=3)  # 250 examples: only 2 full batches of 100
+        prunelab.scores(model, "snip", small, batches=3, batch_size=100)  # 250 examples: only 2 batches of 100
+    shrunk = masking.copy_model(model)  # without batch_size, the paper's 100 shrinks to fit: 3 batches of 83
+    assert prunelab.prune(shrunk, "snip", 0.5, small, batches=3).examples == 249
     prunelab.scores(model, "snip", small, batches=3, batch_size=80)
     with pytest.raises(prunelab.PrunelabError, match="batch_size"):
         prunelab.scores(model, "snip", small, batch_size=0)
@@ -285,9 +287,9 @@ def test_unknown_options_and_missing_data_are_clear_errors(mnist):
         prunelab.prune(model, "snip", 0.9)
     with pytest.raises(prunelab.PrunelabError, match="allowed: batch_size, batches, bn_mode"):
         prunelab.prune(model, "snip", 0.9, mnist, batchsize=10)
-    with pytest.raises(prunelab.PrunelabError, match="used whole"):
-        prunelab.scores(model, "snip", (mnist.inputs[:10], mnist.targets[:10]), batch_size=5)
     assert not masking.is_masked(model)
+    drawn = prunelab.prune(masking.copy_model(model), "snip", 0.9, (mnist.inputs[:10], mnist.targets[:10]), batch_size=5)
+    assert drawn.examples == 5  # a pair is drawn from like any data, and the report says how many were used
 
 
 @pytest.mark.filterwarnings("ignore::prunelab.LayerCollapseWarning")  # emptied bias vectors (a false alarm)

@@ -47,7 +47,7 @@ def _hand_made():
 @pytest.mark.parametrize("method, removed", [("pfec", 0), ("softnet", 1)])
 def test_filter_methods_remove_the_smallest_norm(method, removed):
     net = _hand_made()
-    prunelab.prune(net, method, 0.25, data=_pair(torch.randn(2, 3)))
+    prunelab.prune(net, method, channels=0.25, data=_pair(torch.randn(2, 3)))
     masks = prunelab.masks(net)
     rows = masks["0.weight"].all(1)
     assert rows.tolist() == [i != removed for i in range(4)]
@@ -59,18 +59,24 @@ def test_filter_methods_remove_the_smallest_norm(method, removed):
 
 def test_filter_sparsity_is_a_fraction_of_channels_and_scope_is_checked():
     model = prunelab.build_model("lenet300-100", seed=0)
-    prunelab.prune(model, "pfec", 0.5, data=_pair(_batch("lenet300-100")))
+    with pytest.raises(PrunelabError, match="'pfec' cannot aim at sparsity .*give channels"):
+        prunelab.prune(model, "pfec", sparsity=0.5, data=_pair(_batch("lenet300-100")))
+    report = prunelab.prune(model, "pfec", channels=0.5, data=_pair(_batch("lenet300-100")))
+    # the report tells the channel target from the weight sparsity it led to: 150 + 50 of 410 rows,
+    # and the weights of fc1 (rows and columns), fc2 and fc3's columns
+    assert report.target == {"channels": 0.5} and report.channels_removed == pytest.approx(200 / 410)
+    assert report.sparsity == pytest.approx(1 - (150 * 784 + 50 * 150 + 10 * 50) / 266200)
     masks = prunelab.masks(model)
     assert int(masks["fc1.weight"].all(1).sum()) == 150 and int(masks["fc2.weight"].any(1).sum()) == 50
     assert masks["fc3.weight"].any(0).sum() == 50 and masks["fc3.weight"].any(1).all()
-    prunelab.prune(model, "pfec", 0.75, data=_pair(_batch("lenet300-100")))  # iterative: never revives
+    prunelab.prune(model, "pfec", channels=0.75, data=_pair(_batch("lenet300-100")))  # iterative: never revives
     again = prunelab.masks(model)
     assert not (again["fc1.weight"] & ~masks["fc1.weight"]).any()
     assert int(again["fc1.weight"].all(1).sum()) == 75
     with pytest.raises(PrunelabError, match="scope"):
-        prunelab.prune(model, "pfec", 0.8, data=_pair(_batch("lenet300-100")), scope="global")
+        prunelab.prune(model, "pfec", channels=0.8, data=_pair(_batch("lenet300-100")), scope="global")
     with pytest.raises(PrunelabError, match="example input"):
-        prunelab.prune(prunelab.build_model("lenet300-100"), "softnet", 0.5)
+        prunelab.prune(prunelab.build_model("lenet300-100"), "softnet", channels=0.5)
 
 
 def test_resnet_groups_and_pfec_prunes_only_safe_channels():
@@ -79,7 +85,7 @@ def test_resnet_groups_and_pfec_prunes_only_safe_channels():
     safe = sorted(g.root for g in graph.groups if g.safe)
     assert safe == sorted(f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3))
     assert sum(g.is_output for g in graph.groups) == 1
-    prunelab.prune(model, "pfec", 0.5, data=_pair(_batch("resnet20")))
+    prunelab.prune(model, "pfec", channels=0.5, data=_pair(_batch("resnet20")))
     masks = prunelab.masks(model)
     assert int(masks["layer1.0.conv1.weight"].flatten(1).any(1).sum()) == 8
     assert not masks["layer1.0.bn1.weight"].all() and "layer1.0.bn2.weight" not in masks
@@ -100,7 +106,7 @@ def _compact_ok(model, x, name, tol=1e-5, shrinks=True):
 def test_compact_pfec_preserves_outputs(name):
     model = _randomise_batchnorm(prunelab.build_model(name, seed=0))
     x = _batch(name)
-    prunelab.prune(model, "pfec", 0.5, data=_pair(x))
+    prunelab.prune(model, "pfec", channels=0.5, data=_pair(x))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     small, report = _compact_ok(model, x, name)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input model untouched
@@ -209,14 +215,14 @@ def test_equivalence_check_fails_loudly(monkeypatch):
     rows = torch.ones(300, 784, dtype=torch.bool)
     rows[:50] = False
     masking.attach(model, {"fc1.weight": rows})
-    monkeypatch.setattr(structure, "_fold", lambda *args, **kwargs: None)  # forget the constants
+    monkeypatch.setattr(structure.removable, "_fold", lambda *args, **kwargs: None)  # forget the constants
     with pytest.raises(PrunelabError, match="differs from the masked model"):
         structure.compact(model, _batch("lenet300-100"))
 
 
 def test_equivalence_reports_shape_mismatch_and_corruption():
     model = prunelab.build_model("lenet300-100", seed=0)
-    prunelab.prune(model, "pfec", 0.5, data=_pair(_batch("lenet300-100")))
+    prunelab.prune(model, "pfec", channels=0.5, data=_pair(_batch("lenet300-100")))
     small, _ = structure.compact(model, _batch("lenet300-100"))
     x = _batch("lenet300-100")
     assert structure.equivalence(model, small, x) < 1e-5
@@ -229,7 +235,7 @@ def test_equivalence_reports_shape_mismatch_and_corruption():
 def test_save_and_load_compact_round_trip(tmp_path, name):
     model = _randomise_batchnorm(prunelab.build_model(name, seed=0))
     x = _batch(name)
-    prunelab.prune(model, "softnet", 0.5, data=_pair(x))
+    prunelab.prune(model, "softnet", channels=0.5, data=_pair(x))
     if name == "resnet20":
         _mask_stream_inputs(model)  # a gathered layer must be rebuilt by the plan too
     small, report = structure.compact(model, x, name=name)
@@ -255,10 +261,26 @@ def test_save_and_load_compact_round_trip(tmp_path, name):
         structure.load_compact(path)
 
 
+def test_package_keeps_its_names_and_needs_no_method_code():
+    """Callers reach every name through ``prunelab.structure``; the package depends on no criteria/lab/training."""
+    import ast
+    import pathlib
+
+    for name in ("ChannelGraph", "ChannelGroup", "Slice", "channel_graph", "channel_masks", "compact",
+                 "CompactReport", "equivalence", "GatheredConv2d", "GatheredLinear", "save_compact", "load_compact",
+                 "apply_plan", "PLAN_FORMAT", "structured_metrics", "compare_latency", "shortcut_destination"):
+        assert hasattr(structure, name), name
+    for path in pathlib.Path(structure.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert not any(part in target.split(".") for part in ("criteria", "lab", "training")), (path, target)
+
+
 def test_structured_metrics():
     model = prunelab.build_model("lenet5-caffe", seed=0)
     x = _batch("lenet5-caffe", 8)
-    prunelab.prune(model, "pfec", 0.5, data=_pair(x))
+    prunelab.prune(model, "pfec", channels=0.5, data=_pair(x))
     small, _ = structure.compact(model, x)
     m = structure.structured_metrics(model, small, x, min_run_time=0.05)
     assert 0.5 < m["pr"] < 0.9 and 0.5 < m["fr"] < 0.9
@@ -270,7 +292,7 @@ def test_lab_structured_run_times_both_layouts(tmp_path, data_root):
     from prunelab.lab.config import RunConfig
     from prunelab.lab.run import format_result, run
 
-    cfg = RunConfig(model="lenet5-caffe", method="pfec", sparsity=0.5, iterations=5, data_root=str(data_root),
+    cfg = RunConfig(model="lenet5-caffe", method="pfec", channels=0.5, iterations=5, data_root=str(data_root),
                     out=str(tmp_path / "r"))
     result = run(cfg, progress=False, echo=None)
     st = result["structured"]

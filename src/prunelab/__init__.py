@@ -1,25 +1,32 @@
 """prunelab: neural-network pruning methods behind one API, and a lab that reproduces their papers.
 
     import prunelab
-    train, val, test = prunelab.load_dataset("mnist")
-    model = prunelab.build_model("lenet300-100", seed=0)
-    report = prunelab.prune(model, "magnitude", sparsity=0.9)
+    report = prunelab.prune(model, "snip", sparsity=0.9, data=loader)   # your model, your DataLoader
     prunelab.masks(model)      # {"fc1.weight": bool tensor, ...}
+
+The public API is ``__all__`` (documented in docs/api.md); ``prunelab.schedules`` drives pruning from
+your training loop, ``prunelab.structure`` removes pruned channels physically.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+from . import masking, metrics, schedules, structure
 from .checkpoint import load_model, save_model
-from .data import list_datasets, load_dataset
+from .data import ArrayDataset, list_datasets, load_dataset
+from .data.feed import Feed
 from .errors import PrunelabError, TrainingDiverged
 from .masking import make_permanent, masks
+from .methods import Method, get_method, register
 from .models import build_model, list_models
+from .options import Options, option
 from .pruning import LayerCollapseWarning, PruneReport, list_methods, prune, scores
 from .structure import compact, load_compact, save_compact
 from .training import TrainConfig, Trainer, evaluate
 
 __all__ = [
-    "LayerCollapseWarning", "PruneReport", "PrunelabError", "TrainConfig", "Trainer", "TrainingDiverged",
-    "build_model", "compact", "evaluate", "list_datasets", "list_methods", "list_models", "load_compact",
-    "load_dataset", "load_model", "make_permanent", "masks", "prune", "save_compact", "save_model", "scores",
+    "ArrayDataset", "Feed", "LayerCollapseWarning", "Method", "Options", "PruneReport", "PrunelabError",
+    "TrainConfig", "Trainer", "TrainingDiverged", "build_model", "compact", "evaluate", "get_method",
+    "list_datasets", "list_methods", "list_models", "load_compact", "load_dataset", "load_model",
+    "make_permanent", "masking", "masks", "metrics", "option", "prune", "register", "save_compact",
+    "save_model", "schedules", "scores", "structure",
 ]

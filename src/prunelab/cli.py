@@ -15,7 +15,7 @@ from . import __version__
 from .errors import PrunelabError
 
 EXIT_USAGE = 2
-LISTABLE = ("models", "datasets", "methods")
+LISTABLE = ("models", "datasets", "methods", "configs")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +34,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "run", help="train / prune / evaluate one configuration",
         description="Run one configuration: flags override the keys of an optional TOML config file. "
                     "A run folder that already holds this config resumes where it stopped.")
-    run.add_argument("config", nargs="?", help="TOML config file (keys as the flags below)")
+    run.add_argument("config", nargs="?", help="TOML config file (keys as the flags below), or the name of a "
+                                               "shipped config (prunelab list configs), e.g. quickstart")
     for name in FIELDS:
         flag = "--" + name.replace("_", "-")
         kind = field_kind(name)
@@ -49,9 +50,9 @@ def _build_parser() -> argparse.ArgumentParser:
             run.add_argument(flag, dest=name, metavar=metavar, default=argparse.SUPPRESS, help=HELP[name])
     from .methods import get_method, method_flags
     for option, names in method_flags().items():  # one flag per option name, shared by the methods that have it
-        defaults = "; ".join(f"{n}: default {get_method(n).options.get(option)}" for n in names)
+        helps = "; ".join(f"{n}: {get_method(n).options.help(option)}" for n in names)
         run.add_argument(f"--{option.replace('_', '-')}", dest=option, metavar="VALUE", default=argparse.SUPPRESS,
-                         help=f"method option {option} ({defaults})")
+                         help=f"method option {option} ({helps})")
     run.add_argument("--quiet", action="store_true", help="print only the result table")
 
     listing = commands.add_parser("list", help="list models, datasets or methods")
@@ -119,10 +120,15 @@ def _list(what: str) -> int:
         for d in list_datasets():
             shape = "x".join(map(str, d.input_shape))
             print(f"{d.name:<14} {shape:<8} {d.num_classes:>3} classes  {d.description}")
+    elif what == "configs":
+        from .lab.config import find_config, list_configs
+        for name in list_configs():
+            print(f"{name:<24} {find_config(name)}")
     else:
         from .pruning import list_methods
         for m in list_methods():
-            print(f"{m.name:<12} scope={m.scope:<7} when={m.when:<8} {m.description}")
+            targets = ",".join(m.targets) or "its own"
+            print(f"{m.name:<12} scope={m.scope:<7} when={m.when:<8} target={targets:<18} {m.description}")
     return 0
 
 

@@ -12,9 +12,10 @@ Why no optimizer (momentum, weight decay, Adam moments) can revive a pruned weig
 2. a post-accumulate-grad hook zeroes the gradient at masked positions (in place), so an update of a
    zero weight with a zero gradient and zero optimizer state stays exactly zero for SGD (momentum,
    Nesterov, weight decay), Adam, AdamW, RMSprop and Adagrad;
-3. the first ``optimizer.step()`` after a mask is attached (a global step hook, whether or not the
-   optimizer was passed to ``attach``) zeroes that optimizer's state at masked positions once, so stale
-   momentum from before pruning cannot leak back;
+3. the first ``optimizer.step()`` after a mask is attached (a step hook for every optimizer, registered
+   when the first mask of the process is attached, not at import; so also for an optimizer never passed
+   to ``attach``) zeroes that optimizer's state at masked positions once, so stale momentum from before
+   pruning cannot leak back;
 4. a forward pre-hook re-applies the mask whenever the weight was changed by anything but an optimizer
    step (a loaded state dict, a manual edit: tracked by the tensor's version counter), so the forward
    pass always sees masked weights.
@@ -53,7 +54,7 @@ def prunable_parameters(model: nn.Module, include_bias: bool = False,
     for module_name, module in model.named_modules():
         for local, param in module.named_parameters(recurse=False):
             if _is_prunable(module, local, include_bias, include_norm):
-                chosen[_join(module_name, local)] = param
+                chosen[param_name(module_name, local)] = param
     order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     return dict(sorted(chosen.items(), key=lambda item: order.get(item[0], len(order))))
 
@@ -83,6 +84,7 @@ def attach(model: nn.Module, masks: Mapping[str, torch.Tensor],
     optimizer passed here has its state at masked positions zeroed now; any other is cleaned at its
     next step.
     """
+    _watch_optimizers()
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         if name not in params:
@@ -110,7 +112,7 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     found = {}
     for module_name, module in model.named_modules():
         for local in getattr(module, "_prunelab_masked", ()):
-            found[_join(module_name, local)] = getattr(module, local + MASK_SUFFIX).bool()
+            found[param_name(module_name, local)] = getattr(module, local + MASK_SUFFIX).bool()
     order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     return dict(sorted(found.items(), key=lambda item: order[item[0]]))
 
@@ -159,8 +161,16 @@ def _after_step(optimizer: torch.optim.Optimizer, _args, _kwargs) -> None:
         module._prunelab_versions[local] = param._version  # the step kept the zeros: no re-apply
 
 
-register_optimizer_step_post_hook(_after_step)
 _generations = itertools.count()
+_step_hook = None
+
+
+def _watch_optimizers() -> None:
+    """Register the step hook once, when the first mask is attached: a process that never prunes is
+    left exactly as it was."""
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_after_step)
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -183,7 +193,7 @@ def remove(model: nn.Module, names: Iterable[str] | None = None) -> None:
     wanted = None if names is None else set(names)
     for module_name, module in model.named_modules():
         masked = getattr(module, "_prunelab_masked", ())
-        dropped = [local for local in masked if wanted is None or _join(module_name, local) in wanted]
+        dropped = [local for local in masked if wanted is None or param_name(module_name, local) in wanted]
         for local in dropped:
             delattr(module, local + MASK_SUFFIX)
             module._prunelab_handles.pop(local).remove()
@@ -237,5 +247,7 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), local
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def param_name(module: str, local: str) -> str:
+    """The parameter name ``module.local`` (just ``local`` for the root module)."""
+    return f"{module}.{local}" if module else local
+

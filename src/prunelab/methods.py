@@ -1,17 +1,23 @@
-"""The method registry: name -> criterion, selection scope and default schedule.
+"""The method registry: a method is a criterion (scores), a selection rule and a default schedule.
 
 A method module registers itself at import (``register(Method(...))``); every module in
-``prunelab.criteria`` is imported by ``prunelab.criteria``, so adding a method is adding one file.
+``prunelab.criteria`` is imported by ``prunelab.criteria``, so adding a method is adding one file (or
+calling ``register`` from your own code: see ``docs/adding-a-method.md``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from .errors import PrunelabError, unknown
+from .options import NoOptions, Options
+
+WHEN = ("init", "trained", "during")
+TARGETS = ("sparsity", "channels", "parameters")
+SCHEDULES = ("lobster", "periodic", "iterative")
 
 
 @dataclass(frozen=True)
@@ -19,18 +25,18 @@ class Method:
     """A pruning method.
 
     ``criterion(model, params, *, data, generator, **options) -> {name: score}`` (higher = keep) is
-    followed by the selection rule of ``scope``. A method whose selection is not a plain top-k (iterative
-    rounds inside one pruning step, per-neuron rules) gives ``pruner(model, params, *, sparsity, scope,
-    alive, data, generator, **options) -> {name: bool mask}`` instead; it may still give a criterion
-    for ``prunelab.scores``.
+    followed by the selection rule of ``scope`` (``prunelab.selection``). A method whose selection is not
+    a plain top-k (per-neuron rules, allocation across layers) gives ``pruner(model, params, *, sparsity,
+    scope, alive, data, generator, **options) -> {name: bool mask}`` instead, and may still give a
+    criterion for ``prunelab.scores``. ``data`` reaches both as a ``prunelab.data.feed.Feed``.
 
-    A method that prunes while it trains (``when="during"``) gives ``schedule(model, options, *, sparsity,
-    data, seed, scope, include_bias)``, an
-    object with ``attach(optimizer)`` (training-step hooks), ``after_epoch(epoch, val_loss, val, test, device) ->
-    record | None`` (a pruning phase's record, a JSON-able dict), ``describe(record) -> str`` (its log
-    line), ``done() -> bool`` and ``stop_reason() -> str`` (stop rule) and ``state() -> (json, tensors)``
-    / ``load(state, tensors)`` (resume). ``flags`` names options that are also top-level config keys and
-    CLI flags (``--lambda``).
+    ``options``: the method's options dataclass (``prunelab.options``). ``targets``: the amounts it can be
+    asked for, passed to the pruner as ``sparsity``: ``"sparsity"`` (fraction of prunable weights),
+    ``"channels"`` (fraction of each eligible layer's channels) or ``"parameters"`` (fraction of all
+    parameters); none when it decides how much to prune itself. ``target_options``: option values a
+    target implies (PFP counts all parameters with ``target="all"``). ``schedule``: the schedule of
+    ``prunelab.schedules`` it prunes with while training (``"lobster"``, ``"periodic"``) or in rounds
+    (``"iterative"``), if it has its own.
     """
 
     name: str
@@ -39,28 +45,40 @@ class Method:
     scope: str = "global"          # default selection scope
     when: str = "trained"          # default schedule: "init", "trained" or "during" (prunes while training)
     needs_data: bool = False
-    options: dict[str, Any] = field(default_factory=dict)  # extra keyword options and their defaults
+    options: type[Options] = NoOptions
     pruner: Callable[..., dict[str, torch.Tensor]] | None = None
-    schedule: Callable[..., Any] | None = None
+    schedule: str | None = None
     structured: bool = False       # masks whole channels: the lab also builds the physically smaller model
-    flags: tuple[str, ...] = ()
-    own_sparsity: bool = False
-    retrain: bool = True
-    when_from: Callable[[dict[str, Any]], str | None] | None = None
-    validate: Callable[[dict[str, Any]], Any] | None = None  # checks option values before a run starts
+    targets: tuple[str, ...] = ("sparsity",)
+    target_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # option values per target
+    retrain: bool = True           # False: applied to a trained model as it is (no fine-tuning by default)
+    when_from: Callable[[Mapping[str, Any]], str | None] | None = None  # the schedule its options imply
     layers: tuple[type, ...] | None = None  # module types whose weights it can prune; None: any prunable one
     # (model, params, data, options) -> None: refuses a structure the method cannot handle (a residual
     # addition) from the weights and one traced example of data, so the lab can call it before training
     check_structure: Callable[..., None] | None = None
     paper: str = ""
 
+    @property
+    def prunes(self) -> bool:
+        return self.criterion is not None or self.pruner is not None or self.schedule == "lobster"
+
+    def parse_options(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The method's options over their defaults, every value checked (one line naming a bad one)."""
+        return self.options.parse(self.name, values).as_dict()
+
 
 METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Add a method to the registry (its name must be new)."""
     if method.name in METHODS:
-        raise RuntimeError(f"method {method.name!r} registered twice")  # a programming error
+        raise PrunelabError(f"method {method.name!r} is already registered")
+    bad = set(method.targets) - set(TARGETS)
+    if bad or method.when not in WHEN or (method.schedule is not None and method.schedule not in SCHEDULES):
+        raise PrunelabError(f"method {method.name!r}: targets must be among {TARGETS}, when among {WHEN}, "
+                            f"schedule among {SCHEDULES}")
     METHODS[method.name] = method
     return method
 
@@ -92,7 +110,7 @@ def method_flags() -> dict[str, tuple[str, ...]]:
     shared by isparse and pfp; the run's method decides whose it is)."""
     flags: dict[str, tuple[str, ...]] = {}
     for m in list_methods():
-        for flag in m.flags:
+        for flag in m.options.flags():
             flags[flag] = (*flags.get(flag, ()), m.name)
     return flags
 

@@ -1,8 +1,8 @@
-"""The method registry and the public ``prune`` / ``scores`` functions.
+"""``prune`` and ``scores``: a method's criterion and selection applied to a model, and a report.
 
-A method is a criterion (scores), a selection rule (scores to masks) and a default schedule (when the run
-prunes). ``prune`` composes them: score the prunable parameters, select within what is still alive,
-attach the masks, and report what was pruned.
+``prune`` composes a method's parts: resolve the data (any PyTorch form, ``prunelab.data.feed``), check
+the options and the target, score the prunable parameters, select within what is still alive, attach the
+masks, and report what was pruned (of what was eligible).
 """
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from . import masking, selection
+from .data.feed import as_feed
 from .errors import PrunelabError
 from .methods import METHODS, Method, check_layers, get_method, list_methods, register
 
-__all__ = ["LayerCollapseWarning", "Method", "PruneReport", "get_method", "list_methods", "prune",
-           "register", "scores"]
+__all__ = ["LayerCollapseWarning", "Method", "PruneReport", "check_target", "get_method", "list_methods",
+           "prune", "register", "scores"]
 
 
 class LayerCollapseWarning(UserWarning):
@@ -29,90 +30,158 @@ class LayerCollapseWarning(UserWarning):
 
 @dataclass
 class PruneReport:
-    """What one pruning step did. Sparsities are over the prunable weights the method acted on."""
+    """What one pruning step did.
+
+    ``target``: the amount asked for, ``{kind: value}`` (``sparsity``: fraction of prunable weights;
+    ``channels``: fraction of each eligible layer's channels; ``parameters``: fraction of all parameters),
+    or None when the method decided. ``sparsity``, ``kept`` and ``total`` count the prunable weights the
+    method acted on; ``eligible`` is their share of all the model's parameters, ``sparsity_all`` the share
+    of all parameters now masked, ``channels_removed`` the share of the layers' output channels (rows)
+    whose weights are all masked. ``examples``: data examples the method drew (0 when it used none).
+    """
 
     method: str
     scope: str
-    target_sparsity: float
+    target: dict[str, float] | None
     sparsity: float
     kept: int
     total: int
+    eligible: float
+    sparsity_all: float
+    channels_removed: float
+    examples: int
     layers: list[dict[str, Any]]
     collapsed: list[str]
     seconds: float
+
+    @property
+    def target_sparsity(self) -> float | None:
+        return None if self.target is None else self.target.get("sparsity")
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def _prepare(model: nn.Module, method: str, data, include_bias: bool, options: dict):
-    """Check a call against its method and return (method, prunable parameters, merged options)."""
+def check_target(method: Method, *, sparsity: float | None = None, channels: float | None = None,
+                 parameters: float | None = None) -> tuple[str | None, float | None]:
+    """The one target given, as (kind, value), checked against what ``method`` can aim at."""
+    given = {k: v for k, v in (("sparsity", sparsity), ("channels", channels), ("parameters", parameters))
+             if v is not None}
+    if not method.targets:
+        if given:
+            raise PrunelabError(f"method {method.name!r} decides how much to prune itself (its options "
+                                f"decide); drop the target {', '.join(given)}")
+        return None, None
+    if len(given) > 1:
+        raise PrunelabError(f"give one target, not {' and '.join(given)}")
+    if not given:
+        raise PrunelabError(f"method {method.name!r} needs a target: {' or '.join(method.targets)} in (0, 1)")
+    (kind, value), = given.items()
+    meaning = {"sparsity": "a fraction of the prunable weights", "channels": "a fraction of each layer's "
+               "channels", "parameters": "a fraction of all parameters"}
+    if kind not in method.targets:
+        raise PrunelabError(f"method {method.name!r} cannot aim at {kind} ({meaning[kind]}); give "
+                            + " or ".join(f"{t} ({meaning[t]})" for t in method.targets))
+    try:
+        return kind, selection.check_sparsity(value)
+    except PrunelabError:
+        raise PrunelabError(f"{kind} must be in [0, 1) ({meaning[kind]} removed), got {value!r}") from None
+
+
+def _prepare(model: nn.Module, method: str, data, include_bias: bool, options: dict, loss_fn, get_logits):
+    """Check a call against its method: (method, prunable parameters, checked options, data as a Feed)."""
     spec = get_method(method)
     masking.require_prunable(model)
     if spec.needs_data and data is None:
         raise PrunelabError(f"method {method!r} needs data to score (pass data=...)")
-    unknown_options = set(options) - set(spec.options)
-    if unknown_options:
-        allowed = ", ".join(sorted(spec.options)) or "none"
-        raise PrunelabError(f"unknown option(s) {', '.join(sorted(unknown_options))} for method "
-                            f"{method!r}; allowed: {allowed}")
+    parsed = spec.parse_options(options)
     params = masking.prunable_parameters(model, include_bias=include_bias)
     check_layers(spec, model, params)
-    return spec, params, {**spec.options, **options}
+    return spec, params, parsed, as_feed(data, loss_fn=loss_fn, get_logits=get_logits)
 
 
 def scores(model: nn.Module, method: str, data=None, *, seed: int = 0, include_bias: bool = False,
-           **options) -> dict[str, torch.Tensor]:
-    """``{parameter name: score}`` of a score-based method on the model's prunable parameters."""
-    spec, params, merged = _prepare(model, method, data, include_bias, options)
+           loss_fn: Callable | None = None, get_logits: Callable | None = None, **options) -> dict[str, torch.Tensor]:
+    """``{parameter name: score}`` of a score-based method on the model's prunable parameters (higher =
+    keep). ``data``: any form ``prunelab.data.feed`` takes; ``loss_fn(logits, targets)`` (default
+    cross-entropy) and ``get_logits`` (picks the logits from the model's output) for loss-based methods."""
+    spec, params, parsed, data = _prepare(model, method, data, include_bias, options, loss_fn, get_logits)
     if spec.criterion is None:
         raise PrunelabError(f"method {method!r} has no scores; score-based methods: "
                             f"{', '.join(n for n, m in METHODS.items() if m.criterion)}")
-    return spec.criterion(model, params, data=data, generator=torch.Generator().manual_seed(seed), **merged)
+    return spec.criterion(model, params, data=data, generator=torch.Generator().manual_seed(seed), **parsed)
 
 
-def prune(model: nn.Module, method: str, sparsity: float, data=None, *, scope: str | None = None,
+def prune(model: nn.Module, method: str, sparsity: float | None = None, data=None, *,
+          channels: float | None = None, parameters: float | None = None, scope: str | None = None,
           seed: int = 0, include_bias: bool = False, optimizer: torch.optim.Optimizer | None = None,
-          **options) -> PruneReport:
-    """Prune ``model`` in place to ``sparsity`` of its prunable weights and return a report.
+          loss_fn: Callable | None = None, get_logits: Callable | None = None, **options) -> PruneReport:
+    """Prune ``model`` in place and return a report.
 
-    Weights already masked stay pruned: the selection ranks only the surviving weights and the target
-    counts all prunable weights, so calling ``prune`` again with a higher sparsity continues an
-    iterative schedule. Exactly round((1 - sparsity) m) of the m prunable weights survive.
+    The target is one of ``sparsity`` (fraction of the prunable weights removed: exactly
+    round((1 - sparsity) m) of the m prunable weights survive), ``channels`` (fraction of each eligible
+    layer's channels, for channel methods) or ``parameters`` (fraction of all parameters, PFP); a method
+    that decides how much to prune (``relief``) takes none. Weights already masked stay pruned: the
+    selection ranks only the survivors and a sparsity target counts every prunable weight, so calling
+    ``prune`` again with a higher target continues an iterative schedule; a lower one is refused.
+
+    ``data``: a Dataset, DataLoader, iterable of batches or (inputs, targets) pair (``prunelab.data.feed``);
+    ``loss_fn`` and ``get_logits`` as for ``scores``; ``optimizer``: its state at pruned positions is zeroed
+    now; ``options``: the method's (``prunelab.list_methods()``, ``docs/methods/``).
     """
-    sparsity = selection.check_sparsity(sparsity)
     start = time.perf_counter()
-    spec, params, merged = _prepare(model, method, data, include_bias, options)
+    spec = get_method(method)
+    kind, amount = check_target(spec, sparsity=sparsity, channels=channels, parameters=parameters)
+    spec, params, parsed, data = _prepare(model, method, data, include_bias, options, loss_fn, get_logits)
+    parsed.update(spec.target_options.get(kind, {}))
+    if not spec.prunes or (spec.criterion is None and spec.pruner is None):
+        raise PrunelabError(f"method {method!r} does not prune in one call"
+                            + (" (it prunes while training: use prunelab.schedules.for_method)" if spec.prunes
+                               else "") + "; one-call methods: "
+                            + ", ".join(n for n, m in METHODS.items() if m.criterion or m.pruner))
     scope = scope or spec.scope
     alive = masking.masks(model)
+    if kind == "sparsity":
+        _refuse_lower(params, alive, amount)
     generator = torch.Generator().manual_seed(seed)
     if spec.pruner is not None:
-        new_masks = spec.pruner(model, params, sparsity=sparsity, scope=scope, alive=alive, data=data,
-                                generator=generator, **merged)
-    elif spec.criterion is not None:
-        score = spec.criterion(model, params, data=data, generator=generator, **merged)
-        new_masks = selection.select(score, sparsity, scope, alive)
+        new_masks = spec.pruner(model, params, sparsity=amount, scope=scope, alive=alive, data=data,
+                                generator=generator, **parsed)
     else:
-        raise PrunelabError(f"method {method!r} prunes nothing; choose a pruning method: "
-                            f"{', '.join(n for n, m in METHODS.items() if m.criterion or m.pruner)}")
+        score = spec.criterion(model, params, data=data, generator=generator, **parsed)
+        new_masks = selection.select(score, amount, scope, alive)
     masking.attach(model, new_masks, optimizer)
-    # structured methods also mask biases / BatchNorm entries: the report counts the prunable weights
-    report = _report(spec.name, scope, sparsity, {n: m for n, m in new_masks.items() if n in params},
-                     time.perf_counter() - start)
+    report = _report(model, spec.name, scope, None if kind is None else {kind: amount}, params,
+                     {n: m for n, m in new_masks.items() if n in params}, data, time.perf_counter() - start)
     if report.collapsed:
         warnings.warn(f"layer collapse: {method} pruned every weight of {', '.join(report.collapsed)}",
                       LayerCollapseWarning, stacklevel=2)
     return report
 
 
-def _report(method, scope, target, new_masks, seconds) -> PruneReport:
-    layers, collapsed, kept_total, total = [], [], 0, 0
-    for name, mask in new_masks.items():
-        kept = int(mask.sum())
-        layers.append({"name": name, "shape": list(mask.shape), "params": mask.numel(), "kept": kept})
+def _refuse_lower(params, alive, sparsity: float) -> None:
+    total = sum(p.numel() for p in params.values())
+    kept = sum(int(alive[n].sum()) if n in alive else p.numel() for n, p in params.items())
+    if selection.keep_count(total, sparsity) > kept:
+        raise PrunelabError(f"target sparsity {sparsity} is below the current sparsity {1 - kept / total:.4f} "
+                            "of these weights; pruned weights never come back")
+
+
+def _report(model, method, scope, target, params, new_masks, data, seconds) -> PruneReport:
+    layers, collapsed, kept_total, total, rows_dead, rows = [], [], 0, 0, 0, 0
+    for name, param in params.items():
+        mask = new_masks.get(name)
+        kept = param.numel() if mask is None else int(mask.sum())
+        layers.append({"name": name, "shape": list(param.shape), "params": param.numel(), "kept": kept})
         if kept == 0 and not name.endswith("bias"):  # an emptied bias still lets signal through
             collapsed.append(name)
         kept_total += kept
-        total += mask.numel()
-    return PruneReport(method, scope, target, 1.0 - kept_total / total, kept_total, total,
-                       layers, collapsed, seconds)
+        total += param.numel()
+        if param.dim() >= 2:
+            rows += param.shape[0]
+            rows_dead += 0 if mask is None else int((~mask.reshape(mask.shape[0], -1).any(1)).sum())
+    everything = sum(p.numel() for p in model.parameters())
+    masked = sum(int((~m).sum()) for m in masking.masks(model).values())
+    return PruneReport(method, scope, target, 1.0 - kept_total / total, kept_total, total, total / everything,
+                       masked / everything, rows_dead / rows if rows else 0.0,
+                       data.examples_drawn if data is not None else 0, layers, collapsed, seconds)

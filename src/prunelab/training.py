@@ -12,14 +12,16 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import feed
 from .errors import PrunelabError, TrainingDiverged
+from .options import option
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "multistep", "cosine")
@@ -30,22 +32,26 @@ class TrainConfig:
     """How to train. ``milestones``, ``step_size`` and ``warmup`` count epochs when the budget is in
     epochs and iterations when it is in iterations; exactly one of the two budgets is used."""
 
-    epochs: int | None = 10
-    iterations: int | None = None
-    batch_size: int = 100
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    milestones: list[int] = field(default_factory=list)
-    step_size: int = 0
-    gamma: float = 0.1
-    warmup: int = 0
-    eval_batch_size: int = 1000
+    epochs: int | None = option(10, "training budget in epochs")
+    iterations: int | None = option(None, "training budget in steps (overrides epochs)")
+    batch_size: int = option(100, "training batch size")
+    optimizer: str = option("sgd", "sgd | adam")
+    lr: float = option(0.1, "learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum")
+    weight_decay: float = option(0.0, "L2 weight decay")
+    lr_schedule: str = option("constant", "constant | step | multistep | cosine")
+    milestones: list[int] = option(None, "multistep decay points, in the budget's unit", factory=list)
+    step_size: int = option(0, "step schedule period, in the budget's unit")
+    gamma: float = option(0.1, "decay factor of step / multistep")
+    warmup: int = option(0, "linear warm-up length, in the budget's unit")
+    eval_batch_size: int = option(1000, "evaluation batch size")
 
     def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Refuse an unknown optimizer or schedule, or a value out of range, in one line."""
         if self.optimizer not in OPTIMIZERS:
             raise PrunelabError(f"unknown optimizer {self.optimizer!r}; choose from: {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in SCHEDULES:
@@ -109,38 +115,80 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return config.lr
 
 
+def count_errors(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, int]:
+    """(top-1 wrong, top-5 wrong, counted) over the targets; sequence outputs are flattened and targets of
+    -100 (padding, the Hugging Face convention) are not counted."""
+    if logits.dim() > 2:
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    counted = targets != feed.IGNORE_INDEX
+    logits, targets = logits[counted], targets[counted]
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return (int((top[:, 0] != targets).sum()), int((top != targets[:, None]).all(dim=1).sum()),
+            int(targets.numel()))
+
+
+def _top1_wrong(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Top-1 mistakes (a tensor: no device sync per step) and the number of counted targets."""
+    if logits.dim() > 2:
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if targets.dtype.is_floating_point or targets.dim() != 1:  # not class indices: no error rate
+        return torch.zeros((), dtype=torch.long, device=logits.device), len(targets)
+    counted = targets != feed.IGNORE_INDEX
+    return ((logits.argmax(1) != targets) & counted).sum(), int(counted.sum()) if (~counted).any() else len(targets)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 1000, device: str | torch.device = "cpu") -> dict:
-    """Top-1 and top-5 error (fractions) and mean cross-entropy of ``model`` on ``data``."""
-    if len(data) == 0:
+def evaluate(model: nn.Module, data, batch_size: int = 1000, device: str | torch.device | None = None, *,
+             loss_fn: Callable | None = None, get_logits: Callable | None = None) -> dict:
+    """Top-1 and top-5 error (fractions) and mean loss of ``model`` on ``data``.
+
+    ``data``: a Dataset, a DataLoader (iterated as it is), an iterable of batches or an (inputs, targets)
+    pair (see ``prunelab.data.feed``). ``loss_fn(logits, targets)`` defaults to cross-entropy and
+    ``get_logits`` picks the logits from the model's output. ``device``: the model's, unless given.
+    """
+    data = feed.as_feed(data, loss_fn=loss_fn, get_logits=get_logits)
+    if data.length == 0:
         return {"error": None, "top5_error": None, "loss": None}
     was_training = model.training
     model.eval()
-    wrong1 = wrong5 = 0
+    wrong1 = wrong5 = n = 0
     loss = 0.0
     try:
         for inputs, targets in data.batches(batch_size):
-            inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(inputs)
-            loss += F.cross_entropy(logits, targets, reduction="sum").item()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            wrong1 += int((top[:, 0] != targets).sum())
-            wrong5 += int((top != targets[:, None]).all(dim=1).sum())
+            if targets is None:
+                raise PrunelabError("evaluate needs labelled data: the batches hold no targets")
+            logits = data.logits(model, inputs)
+            targets = targets.to(logits.device)
+            w1, w5, counted = count_errors(logits, targets)
+            if data.loss_fn is feed.default_loss:  # summed exactly, as a mean of batch means would not be
+                flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() > 2 else logits
+                loss += F.cross_entropy(flat, targets.reshape(-1) if logits.dim() > 2 else targets,
+                                        reduction="sum", ignore_index=feed.IGNORE_INDEX).item()
+            else:
+                loss += data.loss_fn(logits, targets).item() * counted
+            wrong1, wrong5, n = wrong1 + w1, wrong5 + w5, n + counted
     finally:
         model.train(was_training)
-    n = len(data)
+    if n == 0:
+        return {"error": None, "top5_error": None, "loss": None}
     return {"error": wrong1 / n, "top5_error": wrong5 / n, "loss": loss / n}
 
 
 class Trainer:
-    """Runs epochs of one training stage: fresh optimizer, schedule by global step."""
+    """Runs epochs of one training stage: fresh optimizer (or the one given), schedule by global step.
+
+    ``data`` is any form ``evaluate`` takes; a DataLoader is used with its own batch size and sampler (whose
+    shuffling is seeded per epoch), other data is batched by ``config.batch_size``."""
 
     def __init__(self, model: nn.Module, data, config: TrainConfig, seed: int, stage: int = 0,
-                 device: str | torch.device = "cpu", progress: bool | None = None):
-        self.model, self.data, self.config = model, data, config
+                 device: str | torch.device = "cpu", progress: bool | None = None, *,
+                 loss_fn: Callable | None = None, get_logits: Callable | None = None,
+                 optimizer: torch.optim.Optimizer | None = None):
+        self.model, self.config = model, config
+        self.data = feed.as_feed(data, loss_fn=loss_fn, get_logits=get_logits)
         self.seed, self.stage, self.device = seed, stage, torch.device(device)
-        self.optimizer = make_optimizer(model, config)
-        self.steps_per_epoch = max(data.num_batches(config.batch_size, drop_last=False), 1)
+        self.optimizer = optimizer or make_optimizer(model, config)
+        self.steps_per_epoch = max(self.data.num_batches(config.batch_size, drop_last=False), 1)
         self.total_steps = config.total_steps(self.steps_per_epoch)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -168,16 +216,17 @@ class Trainer:
                 lr = lr_at(config, step, self.steps_per_epoch)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                inputs, targets = inputs.to(self.device), targets.to(self.device)
-                logits = model(inputs)
-                loss = F.cross_entropy(logits, targets)
+                logits = self.data.logits(model, inputs)
+                targets = targets.to(logits.device)
+                loss = self.data.loss_fn(logits, targets)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 step += 1
-                loss_sum += loss.detach() * len(targets)
-                wrong += (logits.detach().argmax(1) != targets).sum()
-                seen += len(targets)
+                wrong1, counted = _top1_wrong(logits.detach(), targets)
+                loss_sum += loss.detach() * counted
+                wrong += wrong1
+                seen += counted
                 for hook in self.step_hooks:
                     hook(step)
                 bar.update()

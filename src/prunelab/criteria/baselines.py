@@ -1,4 +1,4 @@
-"""Baseline criteria: random and magnitude scores (methods.md section 6).
+"""Baseline criteria: random and magnitude scores (docs/methods/baselines.md).
 
 - random: i.i.d. uniform scores from a seeded generator; top-k of them is a uniformly random mask, global
   or per layer depending on the selection scope.

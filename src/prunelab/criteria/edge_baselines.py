@@ -1,4 +1,6 @@
-"""iSparse's competitors (methods.md section 6): Retrain-free, NISP and DropConnect as pruning methods.
+"""iSparse's competitors: Retrain-free, NISP and DropConnect as pruning methods.
+
+See docs/methods/isparse-competitors.md.
 
 PFEC, the fourth competitor, is ``pfec`` in ``criteria/filters.py``.
 
@@ -25,6 +27,7 @@ PFEC, the fourth competitor, is ``pfec`` in ``criteria/filters.py``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -32,7 +35,9 @@ from torch import nn
 
 from .. import structure
 from ..errors import PrunelabError
+from ..masking import param_name
 from ..methods import Method, register
+from ..options import Options, option
 from ..selection import check_sparsity
 from .baselines import random_scores
 from .filters import lowest_channels
@@ -43,7 +48,22 @@ from .snip import check_positive_int
 
 # --- Retrain-free -----------------------------------------------------------------------------------------
 
-def retrain_free_scores(model, params, *, data, generator, examples=1000, batch_size=250, **_):
+@dataclass(frozen=True)
+class RetrainFreeOptions(Options):
+    examples: int = option(1000, "scoring examples drawn from the data", low=1)
+    batch_size: int = option(250, "examples per forward pass while scoring", low=1)
+
+
+@dataclass(frozen=True)
+class NispOptions(RetrainFreeOptions):
+    mask_bias: bool = option(True, "also mask the removed channels' biases and BatchNorm entries")
+    input_shape: Any = option(None, "one example's input shape for tracing when no data is given")
+    output: str = option("ones", "final-response importance: 1 per output, or the mean softmax / |activation| "
+                                 "on the data", choices=OUTPUTS)
+
+
+def retrain_free_scores(model, params, *, data, generator, examples=RetrainFreeOptions.examples,
+                        batch_size=RetrainFreeOptions.batch_size, **_):
     """``E(i, j) = mean_x |x_i w_ij|`` (the local contribution; iSparse Fig. 3's reading of Ashouri et al.)."""
     return edge_scores(model, params, data=data, generator=generator, method="retrain-free", use_input=True,
                        neuron_importance="ones", examples=examples, batch_size=batch_size)
@@ -52,7 +72,8 @@ def retrain_free_scores(model, params, *, data, generator, examples=1000, batch_
 # --- NISP -------------------------------------------------------------------------------------------------
 
 def neuron_importance(model: nn.Module, graph: structure.ChannelGraph, *, data, generator: torch.Generator,
-                      output: str = "ones", examples: int = 1000, batch_size: int = 250) -> dict[int, torch.Tensor]:
+                      output: str = NispOptions.output, examples: int = NispOptions.examples,
+                      batch_size: int = NispOptions.batch_size) -> dict[int, torch.Tensor]:
     """``{group index: importance per channel}`` of every safe group (NISP's s_k, each layer summing to 1)."""
     check_choice("nisp", "output", output, OUTPUTS)
     batch_size = check_positive_int("nisp", "batch_size", batch_size)
@@ -76,13 +97,14 @@ def nisp_masks(model: nn.Module, sparsity: float, *, example: torch.Tensor, data
     importance = neuron_importance(model, graph, data=data, generator=generator, **options)
     if params is not None:
         importance = {g: v for g, v in importance.items()
-                      if structure._join(graph.groups[g].layers[0].module, "weight") in params}
+                      if param_name(graph.groups[g].layers[0].module, "weight") in params}
     removed = lowest_channels(model, graph, importance, sparsity, alive)
     return structure.channel_masks(model, graph, removed, alive=alive, mask_bias=mask_bias)
 
 
-def nisp_pruner(model, params, *, sparsity, scope, alive, data, generator, mask_bias=True, input_shape=None,
-                output="ones", examples=1000, batch_size=250, **_):
+def nisp_pruner(model, params, *, sparsity, scope, alive, data, generator, mask_bias=NispOptions.mask_bias,
+                input_shape=None, output=NispOptions.output, examples=NispOptions.examples,
+                batch_size=NispOptions.batch_size, **_):
     if scope != "layer":
         raise PrunelabError(f"nisp removes the same fraction of neurons in every layer: scope must be 'layer', "
                             f"got {scope!r}")
@@ -99,8 +121,8 @@ def nisp_check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], d
     neuron_importance(model, graph, data=None, generator=None)
 
 
-def nisp_scores(model, params, *, data, generator, input_shape=None, output="ones", examples=1000,
-                batch_size=250, **_):
+def nisp_scores(model, params, *, data, generator, input_shape=None, output=NispOptions.output,
+                examples=NispOptions.examples, batch_size=NispOptions.batch_size, **_):
     """Each weight of a safe layer scored by the importance of the neuron/filter it belongs to (inspection)."""
     graph = structure.channel_graph(model, trace_input(model, data, input_shape, "nisp"))
     importance = neuron_importance(model, graph, data=data, generator=generator, output=output,
@@ -108,7 +130,7 @@ def nisp_scores(model, params, *, data, generator, input_shape=None, output="one
     scores = {}
     for g, value in importance.items():
         layer = graph.groups[g].layers[0]
-        name = structure._join(layer.module, "weight")
+        name = param_name(layer.module, "weight")
         if name in params:
             score = torch.zeros(params[name].shape, dtype=torch.float64)
             for c, ix in enumerate(layer.index):
@@ -120,13 +142,12 @@ def nisp_scores(model, params, *, data, generator, input_shape=None, output="one
 register(Method(
     "retrain-free", "local edge contribution mean|x_i w_ij|, per layer, no retraining (Ashouri et al. 2018, "
     "as characterised by iSparse)", retrain_free_scores, scope="layer", when="trained", retrain=False,
-    options={"examples": 1000, "batch_size": 250}, layers=(nn.Linear, nn.Conv2d),
+    options=RetrainFreeOptions, layers=(nn.Linear, nn.Conv2d),
     paper="Ashouri et al., NeurIPS-2018 CDNNRIA workshop"))
 register(Method(
     "nisp", "neuron importance propagated from the output with |W|; least important neurons/channels "
     "per layer (Yu et al. 2018)", nisp_scores, scope="layer", when="trained", pruner=nisp_pruner,
-    structured=True, options={"mask_bias": True, "input_shape": None, "output": "ones", "examples": 1000,
-                              "batch_size": 250}, layers=(nn.Linear, nn.Conv2d),
+    structured=True, options=NispOptions, layers=(nn.Linear, nn.Conv2d), targets=("channels",),
     check_structure=nisp_check_structure, paper="Yu et al., CVPR 2018"))
 register(Method(
     "dropconnect", "random edges, the same fraction in every layer, no retraining (Wan et al. 2013 as "

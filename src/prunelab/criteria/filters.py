@@ -24,7 +24,7 @@ The output layer is never pruned, and in a ResNet only the first conv of each re
 channels do not reach a residual add), which is what PFEC does for ResNets. Coupled channels (the
 residual stream) are left alone.
 
-**Masks** (methods.md section 0): for a removed channel, the filter (weight row), its bias entry, the
+**Masks** (docs/methods/pfec-softnet.md): for a removed channel, the filter (weight row), its bias entry, the
 BatchNorm weight and bias of that channel (so the channel outputs exactly 0 in eval and train mode),
 and the input slices of the layers reading it. ``mask_bias=False`` masks only the weights.
 
@@ -35,28 +35,26 @@ Finding the coupling traces the model once, which needs an example input: the fi
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from .. import structure
+from ..data import feed
+from ..data.feed import as_feed
 from ..errors import PrunelabError
+from ..masking import param_name
 from ..methods import Method, register
+from ..options import Options, option
 from ..selection import check_sparsity
 
 
 def example_input(model: nn.Module, data=None, input_shape=None, method: str = "method") -> torch.Tensor:
     """One example to trace ``model`` with: from ``data``, else ``input_shape``, else ``model.input_shape``."""
-    device = next(model.parameters()).device
     if data is not None:
-        if isinstance(data, (tuple, list)) and data and torch.is_tensor(data[0]):
-            return data[0][:1].to(device)
-        inputs = getattr(data, "inputs", None)
-        if torch.is_tensor(inputs) and len(inputs):
-            return inputs[:1].to(device)
-        if torch.is_tensor(data):
-            return data[:1].to(device)
+        return feed.to_model(model, as_feed(data).example())
     shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
     if shape is None:
         raise PrunelabError(f"{method} needs an example input to find coupled channels: pass data=... "
@@ -65,7 +63,8 @@ def example_input(model: nn.Module, data=None, input_shape=None, method: str = "
         shape = tuple(int(d) for d in shape)
     except (TypeError, ValueError):
         raise PrunelabError(f"{method}: input_shape must be a sequence of integers, got {shape!r}") from None
-    return torch.zeros(1, *shape, device=device, dtype=next(model.parameters()).dtype)
+    reference = next(model.parameters())
+    return torch.zeros(1, *shape, device=reference.device, dtype=reference.dtype)
 
 
 def filter_norms(model: nn.Module, graph: structure.ChannelGraph, p: int = 1,
@@ -80,7 +79,7 @@ def filter_norms(model: nn.Module, graph: structure.ChannelGraph, p: int = 1,
         if not group.safe:
             continue
         layer = group.layers[0]
-        name = structure._join(layer.module, "weight")
+        name = param_name(layer.module, "weight")
         if params is not None and name not in params:
             continue
         weight = model.get_submodule(layer.module).weight.detach().to("cpu", torch.float64)
@@ -92,7 +91,7 @@ def filter_norms(model: nn.Module, graph: structure.ChannelGraph, p: int = 1,
 def dead_channels(model: nn.Module, group: structure.ChannelGroup, alive) -> torch.Tensor:
     """Channels whose weight rows are already fully masked (an earlier pruning step removed them)."""
     layer = group.layers[0]
-    name = structure._join(layer.module, "weight")
+    name = param_name(layer.module, "weight")
     mask = alive.get(name) if alive else None
     if mask is None:
         return torch.zeros(group.size, dtype=torch.bool)
@@ -147,7 +146,7 @@ def _criterion(p: int, method: str):
         scores = {}
         for g, norm in filter_norms(model, graph, p, params).items():
             layer = graph.groups[g].layers[0]
-            name = structure._join(layer.module, "weight")
+            name = param_name(layer.module, "weight")
             score = torch.zeros(params[name].shape, dtype=torch.float64)
             for c, ix in enumerate(layer.index):
                 score[list(ix)] = norm[c]
@@ -156,13 +155,17 @@ def _criterion(p: int, method: str):
     return criterion
 
 
-_OPTIONS = {"mask_bias": True, "input_shape": None}
+@dataclass(frozen=True)
+class FilterOptions(Options):
+    mask_bias: bool = option(True, "also mask the removed channels' biases and BatchNorm entries")
+    input_shape: Any = option(None, "one example's input shape for tracing when no data is given, e.g. 1,28,28")
+
 
 register(Method("pfec", "L1-norm filter pruning, uniform fraction of channels per layer (Li et al.; PFP's FT)",
-                _criterion(1, "pfec"), scope="layer", options=dict(_OPTIONS), pruner=_pruner(1, "pfec"), structured=True,
-                layers=(nn.Linear, nn.Conv2d),
+                _criterion(1, "pfec"), scope="layer", options=FilterOptions, pruner=_pruner(1, "pfec"), structured=True,
+                layers=(nn.Linear, nn.Conv2d), targets=("channels",),
                 paper="Li et al., ICLR 2017"))
 register(Method("softnet", "L2-norm filter pruning, uniform fraction of channels per layer (He et al. 2018)",
-                _criterion(2, "softnet"), scope="layer", options=dict(_OPTIONS), pruner=_pruner(2, "softnet"), structured=True,
-                layers=(nn.Linear, nn.Conv2d),
+                _criterion(2, "softnet"), scope="layer", options=FilterOptions, pruner=_pruner(2, "softnet"), structured=True,
+                layers=(nn.Linear, nn.Conv2d), targets=("channels",),
                 paper="He et al., IJCAI 2018"))

@@ -1,4 +1,4 @@
-"""GraSP: gradient signal preservation, pruning at initialisation (methods.md section 6).
+"""GraSP: gradient signal preservation, pruning at initialisation (docs/methods/grasp-synflow.md).
 
 Wang, Zhang & Grosse, "Picking Winning Tickets Before Training by Preserving Gradient Flow", ICLR 2020.
 
@@ -23,8 +23,8 @@ Details, as in the official code (``pruner/GraSP.py``, ``main_prune_non_imagenet
 
 * L is the cross-entropy of logits divided by a temperature, ``temperature`` = 200.
 * The scoring batch is class-balanced and ordered by class: ``samples_per_class`` = 10 examples of every
-  class (the CIFAR configs' value), drawn with a seed from ``generator``. With an ``(inputs, targets)``
-  pair of tensors the pair is used as given.
+  class (the CIFAR configs' value), drawn with a seed from ``generator`` from any form of data
+  (``prunelab.data.feed``). Data holding no more examples than the draw needs is used whole, in order.
 * Each batch is processed in two halves (the first and second half of the class-ordered batch, as the
   official code does): g = Σ_halves ∇L_half, then H g = Σ_halves ∇(gᵀ∇L_half) by double backward
   (a Hessian-vector product; g held fixed). With BatchNorm in train mode each half has its own batch
@@ -45,6 +45,7 @@ disabled for recurrent models.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -52,7 +53,9 @@ from torch import nn
 
 from ..errors import PrunelabError
 from ..methods import Method, register
-from .snip import _as_pair, check_bn_mode, check_positive_int, loss_gradients, scoring_mode
+from ..options import Options, option
+from ..data import feed
+from .snip import BN_MODES, check_bn_mode, check_positive_int, loss_gradients, require_data, scoring_mode
 
 
 def balanced_batches(data, generator: torch.Generator, samples_per_class: int,
@@ -60,19 +63,17 @@ def balanced_batches(data, generator: torch.Generator, samples_per_class: int,
     """``iterations`` disjoint batches of ``samples_per_class`` examples of each class (seeded)."""
     samples_per_class = check_positive_int("grasp", "samples_per_class", samples_per_class)
     iterations = check_positive_int("grasp", "iterations", iterations)
-    pair = _as_pair(data)
-    if pair is not None:
-        if iterations > pair[0].shape[0]:
-            raise PrunelabError(f"grasp: cannot split {pair[0].shape[0]} examples into {iterations} batches")
-        return list(zip(torch.tensor_split(pair[0], iterations), torch.tensor_split(pair[1], iterations)))
-    if not (torch.is_tensor(getattr(data, "inputs", None)) and torch.is_tensor(getattr(data, "targets", None))):
-        raise PrunelabError("grasp: data must be a dataset with .inputs and .targets (ArrayDataset) or a "
-                            f"pair of (inputs, targets) tensors, got {type(data).__name__}")
-    targets = data.targets
+    data = require_data(data, "grasp")
+    targets = data.targets()
+    classes = torch.unique(targets).tolist()
+    if len(targets) <= samples_per_class * len(classes) * iterations:  # no more than one draw: all, in order
+        everything = data.draw(len(targets))
+        return [(feed.take(everything.inputs, part), everything.targets[part])
+                for part in torch.tensor_split(torch.arange(len(targets)), iterations)]
     order = torch.randperm(len(targets), generator=generator)
     shuffled = targets[order]
     per_class = []
-    for label in torch.unique(targets).tolist():
+    for label in classes:
         rows = order[shuffled == label]
         if len(rows) < samples_per_class * iterations:
             raise PrunelabError(f"grasp: class {label} has {len(rows)} examples, fewer than "
@@ -81,25 +82,38 @@ def balanced_batches(data, generator: torch.Generator, samples_per_class: int,
     drawn = []
     for it in range(iterations):
         idx = torch.cat([rows[it * samples_per_class:(it + 1) * samples_per_class] for rows in per_class])
-        drawn.append((data.inputs[idx], data.targets[idx]))
+        rows = data.rows(idx)
+        drawn.append((rows.inputs, rows.targets))
     return drawn
 
 
 def _halves(inputs: torch.Tensor, targets: torch.Tensor):
     """The first and second half of a batch (the official code's split); a single example stays whole."""
-    n = inputs.shape[0]
+    n = feed.count(inputs)
     if n < 2:
         return [(inputs, targets)]
-    return [(inputs[:n // 2], targets[:n // 2]), (inputs[n // 2:], targets[n // 2:])]
+    first, second = slice(0, n // 2), slice(n // 2, n)
+    return [(feed.take(inputs, first), targets[first]), (feed.take(inputs, second), targets[second])]
+
+
+@dataclass(frozen=True)
+class GraspOptions(Options):
+    samples_per_class: int = option(10, "examples of every class in a scoring batch", low=1)
+    iterations: int = option(1, "class-balanced scoring batches", low=1)
+    temperature: float = option(200.0, "the logits are divided by it before the loss", low=0, open_low=True)
+    bn_mode: str = option("train", "normalisation layers on batch ('train') or running ('eval') statistics",
+                          choices=BN_MODES)
 
 
 def grasp_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, generator: torch.Generator,
-                 samples_per_class: int = 10, iterations: int = 1, temperature: float = 200.0,
-                 bn_mode: str = "train", **_) -> dict[str, torch.Tensor]:
+                 samples_per_class: int = GraspOptions.samples_per_class,
+                 iterations: int = GraspOptions.iterations, temperature: float = GraspOptions.temperature,
+                 bn_mode: str = GraspOptions.bn_mode, **_) -> dict[str, torch.Tensor]:
     """GraSP keep score θ ⊙ (H g) = -S(-θ) (Wang et al. 2020, the paper's score negated): higher = keep."""
     bn_mode = check_bn_mode("grasp", bn_mode)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise PrunelabError(f"grasp option temperature must be a positive number, got {temperature!r}")
+    data = require_data(data, "grasp")
     drawn = balanced_batches(data, generator, samples_per_class, iterations)
     weights = list(params.values())
     recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
@@ -109,12 +123,13 @@ def grasp_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, 
         # g: the gradient summed over all half-batches (the official code's first pass)
         g = [torch.zeros_like(w) for w in weights]
         for inputs, targets in halves:
-            for total, grad in zip(g, loss_gradients(model, params, inputs, targets, temperature=temperature)):
+            for total, grad in zip(g, loss_gradients(model, params, inputs, targets, data=data, temperature=temperature)):
                 total += grad
         # H g: for each half-batch, differentiate z = gᵀ ∇L_half once more
         hg = [torch.zeros_like(w) for w in weights]
         for inputs, targets in halves:
-            grads = loss_gradients(model, params, inputs, targets, temperature=temperature, create_graph=True)
+            grads = loss_gradients(model, params, inputs, targets, data=data, temperature=temperature,
+                                   create_graph=True)
             z = sum((fixed * grad).sum() for fixed, grad in zip(g, grads))
             products = torch.autograd.grad(z, weights, allow_unused=True, materialize_grads=True)
             for total, product in zip(hg, products):
@@ -126,5 +141,5 @@ def grasp_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, 
 register(Method(
     "grasp", "gradient signal preservation θ⊙Hg at initialisation (keeps what gradient flow needs)",
     grasp_scores, scope="global", when="init", needs_data=True,
-    options={"samples_per_class": 10, "iterations": 1, "temperature": 200.0, "bn_mode": "train"},
+    options=GraspOptions,
     paper="Wang, Zhang & Grosse, ICLR 2020"))

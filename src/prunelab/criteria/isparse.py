@@ -1,10 +1,10 @@
-"""iSparse: output-informed edge sparsification (methods.md section 5).
+"""iSparse: output-informed edge sparsification (docs/methods/isparse.md).
 
 Garg & Candan, "iSparse: Output Informed Sparsification of Neural Networks", ICMR 2020 (also the
 ICLR-2020 OpenReview submission ryefmpEYPr).
 
-**The score is OUR reconstruction** (methods.md 5.1), not the paper's equation: only the abstract and
-figure captions survive (``papers/isparse-excerpts.txt``). What they state: an edge significance score E
+**The score is OUR reconstruction** (docs/methods/isparse.md), not the paper's equation: only the
+abstract and figure captions could be read. What they state: an edge significance score E
 measures an edge's importance *with respect to the network output* (Fig. 2: n_i's contribution to the
 overall output "rather than only between n_i and n_j"), built from W_l+ = |W_l| (element-wise), and it
 is contrasted with Retrain-free's local contribution input x weight (Fig. 3). Every choice below that is
@@ -30,7 +30,7 @@ not in that list is ours, and each is a switchable option:
    positions (the unpadded input map) and examples. ``use_input=False``: ``E = |w| * N``.
    ``neuron_importance="ones"`` (N = 1 everywhere) gives Retrain-free's ``mean_x |x_i w_ij|``.
    A bias (``include_bias=True``) is an edge from a constant input 1: ``E = |b_j| N_{l+1}(j)``.
-3. Selection (methods.md 5.2, also reconstructed): the fraction ``sparsity`` (the paper's
+3. Selection (docs/methods/isparse.md, also reconstructed): the fraction ``sparsity`` (the paper's
    "sparsification factor") of the lowest-E edges of *each* layer (scope "layer", default), or globally.
 
 Options (``--method-option key=value``; ``mode`` is also the flag ``--mode``):
@@ -41,7 +41,7 @@ Options (``--method-option key=value``; ``mode`` is also the flag ``--mode``):
 * ``use_input`` (True), ``neuron_importance`` ("propagated" | "ones"), ``output`` ("ones" | "softmax" |
   "activation"): the parts of the score above.
 * ``examples`` (1000): scoring examples drawn without replacement from the data with the seed (all of
-  them when the data holds fewer); a pair of (inputs, targets) tensors is used whole. ``batch_size``
+  them, in order, when the data holds no more), from any form ``prunelab.data.feed`` takes. ``batch_size``
   (250): forward-pass chunk, memory only.
 * ``interval`` (1), ``ramp`` (1): train-with only, see :class:`TrainWith`.
 * ``input_shape`` (None): example input shape for tracing the channel graph when no data is given.
@@ -51,26 +51,24 @@ Inputs are captured with forward pre-hooks in one no-grad pass (eval mode, nothi
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .. import masking, selection, structure
+from .. import structure
+from ..data import feed
+from ..data.feed import as_feed
 from ..errors import PrunelabError
 from ..methods import Method, register
-from ..training import derive_seed, evaluate
+from ..options import Options, option
 from .filters import example_input
 from .snip import check_positive_int, scoring_mode
 
 MODES = ("sparsify-with", "train-with")
 IMPORTANCE = ("propagated", "ones")
 OUTPUTS = ("ones", "softmax", "activation")
-
-DEFAULTS = {"mode": "sparsify-with", "use_input": True, "neuron_importance": "propagated", "output": "ones",
-            "examples": 1000, "batch_size": 250, "interval": 1, "ramp": 1, "input_shape": None}
-
 
 # --- checks -----------------------------------------------------------------------------------------------
 
@@ -86,20 +84,25 @@ def check_bool(method: str, name: str, value) -> bool:
     return value
 
 
-def check_options(options: Mapping[str, Any]) -> None:
-    """Every option value, checked by the lab before a run starts."""
-    options = {**DEFAULTS, **options}
-    check_choice("isparse", "mode", options["mode"], MODES)
-    check_bool("isparse", "use_input", options["use_input"])
-    check_choice("isparse", "neuron_importance", options["neuron_importance"], IMPORTANCE)
-    check_choice("isparse", "output", options["output"], OUTPUTS)
-    for key in ("examples", "batch_size", "interval", "ramp"):
-        check_positive_int("isparse", key, options[key])
+@dataclass(frozen=True)
+class IsparseOptions(Options):
+    mode: str = option("sparsify-with", "sparsify-with: prune a trained model; train-with: recompute the masks "
+                                        "while training from scratch", choices=MODES, flag=True)
+    use_input: bool = option(True, "weigh each edge by the mean |input| it reads")
+    neuron_importance: str = option("propagated", "N(j) propagated back from the output through |W|, or 1 "
+                                                  "('ones': Retrain-free)", choices=IMPORTANCE)
+    output: str = option("ones", "final-response importance: 1 per output, or the mean softmax / |activation|",
+                         choices=OUTPUTS)
+    examples: int = option(1000, "scoring examples drawn from the data", low=1)
+    batch_size: int = option(250, "examples per forward pass while scoring", low=1)
+    interval: int = option(1, "train-with: epochs between mask recomputations", low=1)
+    ramp: int = option(1, "train-with: recomputations over which the factor rises to its target (ours)", low=1)
+    input_shape: Any = option(None, "one example's input shape for tracing when no data is given")
 
 
 def when_from(options: Mapping[str, Any]) -> str:
     """The lab's schedule implied by ``mode``: sparsify-with prunes a trained model, train-with while training."""
-    mode = check_choice("isparse", "mode", options.get("mode", DEFAULTS["mode"]), MODES)
+    mode = check_choice("isparse", "mode", options.get("mode", IsparseOptions.mode), MODES)
     return {"sparsify-with": "trained", "train-with": "during"}[mode]
 
 
@@ -127,24 +130,13 @@ def scored_layers(model: nn.Module, params: Mapping[str, torch.Tensor], method: 
     return layers
 
 
-def scoring_inputs(data, generator: torch.Generator, examples: int, method: str) -> torch.Tensor:
-    """The scoring inputs: ``examples`` rows drawn with ``generator`` from a dataset, or a pair/tensor whole."""
+def scoring_inputs(data, generator: torch.Generator, examples: int, method: str):
+    """The scoring inputs: ``examples`` examples drawn with ``generator`` (all, in order, when the data holds
+    no more); any form of data ``prunelab.data.feed`` takes, or a tensor of inputs."""
     examples = check_positive_int(method, "examples", examples)
     if data is None:
         raise PrunelabError(f"{method} measures layer inputs on data: pass data=... (or use_input=False)")
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        inputs = data[0]
-    elif torch.is_tensor(data):
-        inputs = data
-    elif torch.is_tensor(getattr(data, "inputs", None)):
-        order = torch.randperm(len(data.inputs), generator=generator)[:examples]
-        inputs = data.inputs[order]
-    else:
-        raise PrunelabError(f"{method}: data must be a dataset (ArrayDataset), a tensor of inputs or a pair of "
-                            f"(inputs, targets) tensors, got {type(data).__name__}")
-    if inputs.shape[0] == 0:
-        raise PrunelabError(f"{method}: the scoring data holds no examples")
-    return inputs
+    return as_feed(data).draw(examples, generator).inputs
 
 
 @torch.no_grad()
@@ -185,11 +177,10 @@ def layer_statistics(model: nn.Module, layers: Mapping[str, nn.Module], inputs: 
     outputs = outputs or {}
     handles = [m.register_forward_pre_hook(input_hook(n)) for n, m in layers.items()]
     handles += [m.register_forward_hook(output_hook(n)) for n, m in outputs.items()]
-    reference = next(model.parameters())
     try:
         with scoring_mode(model, {}, "eval"):  # no dropout, BatchNorm running statistics, all restored
-            for chunk in torch.split(inputs, batch_size):
-                model(chunk.to(reference.device, reference.dtype if chunk.is_floating_point() else chunk.dtype))
+            for chunk in feed.chunks(inputs, batch_size):
+                feed.call(model, feed.to_model(model, chunk))
     finally:
         for handle in handles:
             handle.remove()
@@ -217,7 +208,7 @@ def _position_channel(index: tuple[tuple[int, ...], ...], length: int, what: str
 
 
 class Significance:
-    """Neuron significance N per channel group (methods.md 5.1 step 1), computed lazily from the output."""
+    """Neuron significance N per channel group (step 1 in docs/methods/isparse.md), computed lazily."""
 
     def __init__(self, model: nn.Module, graph: structure.ChannelGraph, method: str, output: str = "ones",
                  output_means: Mapping[str, torch.Tensor] | None = None):
@@ -283,8 +274,9 @@ class Significance:
 
 
 def edge_scores(model: nn.Module, params: Mapping[str, torch.Tensor], *, data, generator: torch.Generator,
-                method: str = "isparse", use_input: bool = True, neuron_importance: str = "propagated",
-                output: str = "ones", examples: int = 1000, batch_size: int = 250,
+                method: str = "isparse", use_input: bool = IsparseOptions.use_input,
+                neuron_importance: str = IsparseOptions.neuron_importance, output: str = IsparseOptions.output,
+                examples: int = IsparseOptions.examples, batch_size: int = IsparseOptions.batch_size,
                 input_shape=None) -> dict[str, torch.Tensor]:
     """``E = mean|x_i| * |w_ij| * N_{l+1}(j)`` for every scored parameter (module docstring), float64 on the CPU."""
     check_bool(method, "use_input", use_input)
@@ -322,7 +314,7 @@ def check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], data, 
                     method: str = "isparse") -> None:
     """Propagate significance on the weights alone (``data`` only gives the traced example), so that a
     residual addition or another unsupported layer on the path is refused before the lab trains anything."""
-    if options.get("neuron_importance", DEFAULTS["neuron_importance"]) != "propagated":
+    if options.get("neuron_importance", IsparseOptions.neuron_importance) != "propagated":
         return
     graph = structure.channel_graph(model, trace_input(model, data, None, method))
     significance = Significance(model, graph, method)
@@ -330,105 +322,15 @@ def check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], data, 
         significance.of_rows(name, module.weight.shape[0])
 
 
-def isparse_scores(model, params, *, data, generator, mode="sparsify-with", interval=1, ramp=1, **options):
-    """iSparse edge significance (module docstring; reconstructed, methods.md 5.1); higher = keep."""
-    check_choice("isparse", "mode", mode, MODES)
-    check_positive_int("isparse", "interval", interval)
-    check_positive_int("isparse", "ramp", ramp)
+def isparse_scores(model, params, *, data, generator, mode=None, interval=None, ramp=None, **options):
+    """iSparse edge significance (module docstring; reconstructed); higher = keep. ``mode``, ``interval`` and
+    ``ramp`` belong to the train-with schedule (``prunelab.schedules.Periodic``)."""
     return edge_scores(model, params, data=data, generator=generator, method="isparse", **options)
-
-
-# --- train-with -------------------------------------------------------------------------------------------
-
-class TrainWith:
-    """iSparse "train-with" (methods.md 5.3, our reading): train from scratch, and every ``interval`` epochs
-    recompute E from the current weights and mask the lowest-E edges at the target factor.
-
-    prunelab's masks never revive a weight: a masked edge is zero, so its E is 0, and it stays masked
-    (the selection ranks only surviving edges). At a fixed factor the first recomputation therefore
-    decides the mask and later ones keep exactly the surviving set (the record's ``changed`` is 0): with
-    the default ``ramp=1`` train-with means "train ``interval`` epochs dense, sparsify, train on under the
-    mask". ``ramp=k`` (ours, not the paper's) raises the factor linearly over the first k recomputations,
-    so each of them re-scores the survivors with the weights of that moment. Scoring examples are drawn
-    afresh at each recomputation from a seed derived from (seed, epoch), so a resumed run is identical.
-    """
-
-    def __init__(self, model: nn.Module, options: Mapping[str, Any], *, sparsity: float, data, seed: int,
-                 scope: str = "layer", include_bias: bool = False):
-        unknown = set(options) - set(DEFAULTS)
-        if unknown:
-            raise PrunelabError(f"unknown option(s) {', '.join(sorted(unknown))} for method 'isparse'; "
-                                f"allowed: {', '.join(sorted(DEFAULTS))}")
-        self.options = {**DEFAULTS, **options}
-        check_choice("isparse", "mode", self.options["mode"], MODES)
-        self.interval = check_positive_int("isparse", "interval", self.options["interval"])
-        self.ramp = check_positive_int("isparse", "ramp", self.options["ramp"])
-        self.scope = check_choice("isparse", "scope", scope, ("layer", "global"))
-        self.sparsity = selection.check_sparsity(sparsity)
-        self.model, self.data, self.seed = model, data, seed
-        self.params = masking.prunable_parameters(model, include_bias=include_bias)
-        self.score_options = {k: v for k, v in self.options.items() if k not in ("mode", "interval", "ramp")}
-        self.optimizer = None
-        self.recomputations = 0
-        self.records: list[dict] = []
-
-    def attach(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer  # masks are attached with it, so its momentum is cleaned at once
-        return None
-
-    def target(self, recomputation: int) -> float:
-        return self.sparsity * min(1.0, recomputation / self.ramp)
-
-    def after_epoch(self, epoch: int, val_loss: float, val, test, device="cpu") -> dict | None:
-        if epoch % self.interval:
-            return None
-        started = time.perf_counter()
-        self.recomputations += 1
-        target = self.target(self.recomputations)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "isparse-train-with", epoch))
-        before = masking.masks(self.model)
-        scores = edge_scores(self.model, self.params, data=self.data, generator=generator, method="isparse",
-                             **self.score_options)
-        new = selection.select(scores, target, self.scope, before)
-        changed = sum(int((new[n] != before[n].cpu()).sum()) if n in before else int((~new[n]).sum()) for n in new)
-        masking.attach(self.model, new, self.optimizer)
-        kept = sum(int(m.sum()) for m in new.values())
-        total = sum(m.numel() for m in new.values())
-        record = {"epoch": epoch, "recomputation": self.recomputations, "target_sparsity": target,
-                  "sparsity": 1.0 - kept / total, "changed": changed,
-                  "val_error": evaluate(self.model, val, device=device)["error"] if len(val) else None,
-                  "test_error": evaluate(self.model, test, device=device)["error"],
-                  "seconds": time.perf_counter() - started}
-        self.records.append(record)
-        return record
-
-    def describe(self, record: dict) -> str:
-        val = "n/a" if record["val_error"] is None else f"{record['val_error']:.2%}"
-        return (f"isparse masks recomputed (#{record['recomputation']}): sparsity {record['sparsity']:.4f} "
-                f"(target {record['target_sparsity']:.4f}), {record['changed']:,} mask entries changed, "
-                f"val error {val}, test error {record['test_error']:.2%}")
-
-    def done(self) -> bool:
-        return False  # trains for the whole budget
-
-    def stop_reason(self) -> str:
-        return "the training budget is spent"
-
-    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        return {"recomputations": self.recomputations, "records": self.records}, {}  # masks live in the model
-
-    def load(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
-        self.recomputations, self.records = int(state["recomputations"]), list(state["records"])
-
-
-def _schedule(model, options, *, sparsity, data, seed, scope="layer", include_bias=False, **_):
-    return TrainWith(model, options, sparsity=sparsity, data=data, seed=seed, scope=scope,
-                     include_bias=include_bias)
 
 
 register(Method(
     "isparse", "output-informed edge significance mean|x_i| |w_ij| N_j, per layer (Garg & Candan 2020; "
-    "score reconstructed)", isparse_scores, scope="layer", when="trained", options=dict(DEFAULTS),
-    schedule=_schedule, flags=("mode",), retrain=False, when_from=when_from, validate=check_options,
+    "score reconstructed)", isparse_scores, scope="layer", when="trained", options=IsparseOptions,
+    schedule="periodic", retrain=False, when_from=when_from,
     layers=(nn.Linear, nn.Conv2d), check_structure=check_structure,
-    paper="Garg & Candan, ICMR 2020 / OpenReview ryefmpEYPr (score reconstructed, methods.md 5.1)"))
+    paper="Garg & Candan, ICMR 2020 / OpenReview ryefmpEYPr (score reconstructed, docs/methods/isparse.md)"))

@@ -1,8 +1,8 @@
-"""PFP: Provable Filter Pruning (methods.md section 2).
+"""PFP: Provable Filter Pruning (docs/methods/pfp.md).
 
 Liebenwein, Baykal, Lang, Feldman & Rus, "Provable Filter Pruning for Efficient Neural Networks",
 ICLR 2020 (arXiv 1911.07412). The algorithm follows the authors' code (lucaslie/torchprune, release
-af46c3b), as restated in methods.md section 2; the paper's own equations were not available.
+af46c3b), as restated in docs/methods/pfp.md; the paper's own equations were not available.
 
 **Unit.** An *input channel* j of each Conv2d/Linear layer l: a channel of a conv's input, a neuron of
 a Linear layer's input. Removing it zeroes the slice W_l[:, j]; the channel (filter / neuron of the
@@ -32,8 +32,8 @@ takes about 0.7-0.9 s on one loaded CPU thread.
 
 **Size of S** (section 2.1): |S| = ceil(C ln(8 eta* / delta')), delta' = delta / eta, eta = sum of the
 layers' output units per example (Linear: out_features, conv: C*H*W), eta* = their max, C = 3, rounded
-up to a multiple of ``batch_size``. S is drawn (seeded) from ``data`` without replacement; a pair
-``(inputs, targets)`` is used whole as S.
+up to a multiple of ``batch_size``. S is drawn (seeded) from ``data`` without replacement, from any form
+``prunelab.data.feed`` takes; data holding no more than |S| examples is used whole, in order.
 
 **Budget** (section 2.2). S_l = sum_j s_j, p_j = s_j / S_l, alpha_l = 2 C ln(8 (P_l + 1) k_l / delta)
 (P_l patches, k_l kernel elements per unit), and for one global error level eps:
@@ -58,10 +58,10 @@ removed).
   count_j / (m' p_j) (unbiased importance sampling). The weights are rescaled in place.
 * ``hybrid`` (PFPNetTop, partially derandomised): channels with p_j >= 1/m' are kept unscaled, the other
   channels are sampled with m' (1 - sum of their kept p) draws from p restricted to them and rescaled
-  likewise (our reading of the code's description; see methods.md 2.2).
+  likewise (our reading of the code's description; see docs/methods/pfp.md).
 
 **Masks**: input slices of every layer (weight columns), and for channels no layer reads any more the
-producing weight rows and (``mask_bias=True``, methods.md section 0) their bias entries and BatchNorm
+producing weight rows and (``mask_bias=True``, docs/methods/README.md) their bias entries and BatchNorm
 weight/bias, so a removed channel outputs exactly 0. Masked entries stay masked (iterative cascades:
 sensitivities are recomputed on the current network, dead channels have s = 0 and stay removed).
 
@@ -85,9 +85,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import structure
+from ..data import feed
+from ..data.feed import as_feed
 from ..errors import PrunelabError
+from ..masking import param_name
 from ..hooks import run_with_hooks
 from ..methods import Method, register
+from ..options import Options, option
 from ..selection import check_sparsity
 
 MODES = ("deterministic", "sample", "hybrid")
@@ -212,7 +216,7 @@ def _check_layer(name: str, module: nn.Module) -> None:
 def empirical_sensitivity(model: nn.Module, inputs: torch.Tensor, layers: list[str] | None = None, *,
                           units: Mapping[str, torch.Tensor] | None = None,
                           batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """PFP's empirical sensitivity s_j of every input unit of each layer (methods.md 2.1).
+    """PFP's empirical sensitivity s_j of every input unit of each layer (docs/methods/pfp.md).
 
     ``layers``: module names (default: every Linear/Conv2d). ``units``: per layer, the unit of each input
     feature/channel (default: one unit per input channel of a conv, per input feature of a Linear); a
@@ -242,8 +246,8 @@ def empirical_sensitivity(model: nn.Module, inputs: torch.Tensor, layers: list[s
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        for start in range(0, inputs.shape[0], batch_size):
-            model(inputs[start:start + batch_size].to(device))
+        for chunk in feed.chunks(inputs, batch_size):
+            feed.call(model, feed.to_model(model, chunk))
     finally:
         for h in handles:
             h.remove()
@@ -361,18 +365,9 @@ class PFPPlan:
         return {l.name: l.kept_units(math.log(epsilon)) for l in self._selector.layers}
 
 
-def _draw_inputs(data, points: int | None, generator: torch.Generator) -> torch.Tensor:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        if points is not None:
-            raise PrunelabError("pfp: a pair of (inputs, targets) is used whole as S; leave points unset")
-        return data[0]
-    inputs = getattr(data, "inputs", None)
-    if not torch.is_tensor(inputs):
-        raise PrunelabError("pfp needs data: a dataset (with .inputs) or a pair of (inputs, targets) tensors")
-    if points > len(inputs):
-        raise PrunelabError(f"pfp: |S| = {points} points requested, the data holds {len(inputs)}")
-    index = torch.randperm(len(inputs), generator=generator)[:points].sort().values
-    return inputs[index]
+def _draw_inputs(data, points: int, generator: torch.Generator):
+    """S: ``points`` inputs drawn without replacement (all of them, in order, when the data holds no more)."""
+    return as_feed(data).draw(points, generator).inputs
 
 
 def _layers(model: nn.Module, params: Mapping[str, torch.Tensor], graph: structure.ChannelGraph,
@@ -380,7 +375,7 @@ def _layers(model: nn.Module, params: Mapping[str, torch.Tensor], graph: structu
     named = dict(model.named_modules())
     chosen = []
     for name, module in named.items():
-        if structure._join(name, "weight") in params and isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d,
+        if param_name(name, "weight") in params and isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d,
                                                                                 nn.Conv3d)):
             _check_layer(name, module)
             chosen.append(name)
@@ -441,7 +436,7 @@ class _Selector:
                 self.by_group.setdefault(layer.group, []).append(layer)
         self.all_params = dict(model.named_parameters())
         self.total_params = sum(p.numel() for p in self.all_params.values())
-        self.prunable_total = sum(self.all_params[structure._join(l.name, "weight")].numel() for l in layers)
+        self.prunable_total = sum(self.all_params[param_name(l.name, "weight")].numel() for l in layers)
 
     def choose(self, counts: dict[str, int], generator: torch.Generator | None):
         """Kept units (bool) and per-unit scales of each layer for the given kept counts."""
@@ -490,7 +485,7 @@ class _Selector:
     def masks(self, kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         masks: dict[str, torch.Tensor] = {}
         for layer in self.layers:
-            name = structure._join(layer.name, "weight")
+            name = param_name(layer.name, "weight")
             base = self.alive.get(name)
             mask = (base.to("cpu", torch.bool).clone() if base is not None
                     else torch.ones(self.all_params[name].shape, dtype=torch.bool))
@@ -546,7 +541,7 @@ class _Selector:
         return {g: torch.nonzero(d).squeeze(1).tolist() for g, d in dead.items() if bool(d.any())}
 
     def _shortcut_target(self, name, module, i):
-        t = structure._shortcut_dst(module, i)
+        t = structure.shortcut_destination(module, i)
         if t is None:
             return None
         for g, group in enumerate(self.graph.groups):
@@ -561,7 +556,7 @@ class _Selector:
         if self.target_kind == "weights":
             total = 0
             for layer in self.layers:
-                total += int(masks[structure._join(layer.name, "weight")].sum())
+                total += int(masks[param_name(layer.name, "weight")].sum())
             return total
         removed = 0
         for name, param in self.all_params.items():
@@ -579,29 +574,33 @@ class _Selector:
         return self.count(masks), masks, kept, scales, counts
 
 
-def check_options(*, mode="deterministic", delta=1e-16, points=None, batch_size=None, c=3.0, target="weights",
-                  round_to=1, **_) -> None:
-    """PrunelabError for a bad option value (also called by the lab before a run starts)."""
-    if mode not in MODES:
-        raise PrunelabError(f"pfp option mode must be one of: {', '.join(MODES)}; got {mode!r}")
-    if target not in TARGETS:
-        raise PrunelabError(f"pfp option target must be one of: {', '.join(TARGETS)}; got {target!r}")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-        raise PrunelabError(f"pfp option delta must be in (0, 1), got {delta!r}")
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or c <= 0:
-        raise PrunelabError(f"pfp option c must be a positive number, got {c!r}")
-    integers = {"points": points, "batch_size": batch_size}  # None: derived from the data
-    integers = {key: value for key, value in integers.items() if value is not None} | {"round_to": round_to}
-    for key, value in integers.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PrunelabError(f"pfp option {key} must be a positive integer, got {value!r}")
+@dataclass(frozen=True)
+class PfpOptions(Options):
+    mode: str = option("deterministic", "keep the top channels (PFPNet), sample them (PFPNetRand) or both "
+                                        "(PFPNetTop)", choices=MODES, flag=True)
+    delta: float = option(1e-16, "failure probability delta_S, which sizes the sample S", low=0, high=1,
+                          open_low=True, open_high=True, flag=True)
+    points: int | None = option(None, "|S|, the data points; None: from delta", low=1)
+    batch_size: int | None = option(None, "examples per forward pass; None: 64 for 1-channel inputs, else 128",
+                                    low=1)
+    c: float = option(3.0, "the constant C of the sample size and budget", low=0, open_low=True)
+    target: str = option("weights", "what the target counts: the prunable weights, or all parameters (PR)",
+                         choices=TARGETS)
+    mask_bias: bool = option(True, "also mask the removed channels' biases and BatchNorm entries")
+    round_to: int = option(1, "round each layer's channel budget to a multiple of this (ours; 1 = the paper)",
+                           low=1, flag=True)
+
+
+def check_options(**options) -> None:
+    """PrunelabError for a bad option value."""
+    PfpOptions.parse("pfp", options)
 
 
 def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: float, *,
          generator: torch.Generator, alive: Mapping[str, torch.Tensor] | None = None,
-         mode: str = "deterministic", delta: float = 1e-16, points: int | None = None,
-         batch_size: int | None = None, c: float = 3.0, target: str = "weights",
-         mask_bias: bool = True, round_to: int = 1) -> PFPPlan:
+         mode: str = PfpOptions.mode, delta: float = PfpOptions.delta, points: int | None = None,
+         batch_size: int | None = None, c: float = PfpOptions.c, target: str = PfpOptions.target,
+         mask_bias: bool = PfpOptions.mask_bias, round_to: int = PfpOptions.round_to) -> PFPPlan:
     """Compute PFP's masks for ``sparsity`` without touching the model (see the module docstring)."""
     sparsity = check_sparsity(sparsity)
     check_options(mode=mode, delta=delta, points=points, batch_size=batch_size, c=c, target=target,
@@ -620,7 +619,7 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
     layers = _layers(model, params, graph, example)
     timings["graph"] = time.perf_counter() - started
 
-    if points is None and not (isinstance(data, (tuple, list)) and len(data) == 2):
+    if points is None:
         points = sample_size([l.eta for l in layers], delta, c, batch_size)
     inputs = _draw_inputs(data, points, generator)
     started = time.perf_counter()
@@ -630,7 +629,7 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
     started = time.perf_counter()
     for layer in layers:
         s = sens[layer.name].double()
-        name = structure._join(layer.name, "weight")
+        name = param_name(layer.name, "weight")
         mask = alive.get(name)
         if mask is None:
             layer.alive = torch.ones(layer.n_units, dtype=torch.bool)
@@ -675,7 +674,7 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
     weight_scales = {}
     for layer in layers:
         if layer.name in scales:
-            name = structure._join(layer.name, "weight")
+            name = param_name(layer.name, "weight")
             column = scales[layer.name][layer.feature_units].float()
             shape = (1, -1, *([1] * (selector.all_params[name].dim() - 2)))
             weight_scales[name] = column.view(shape)
@@ -688,15 +687,12 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
                    layers=report_layers, seconds=timings, _selector=selector)
 
 
-def pfp_pruner(model, params, *, sparsity, scope, alive, data, generator, mode="deterministic", delta=1e-16,
-               points=None, batch_size=None, c=3.0, target="weights", mask_bias=True, round_to=1, **_):
+def pfp_pruner(model, params, *, sparsity, scope, alive, data, generator, **options):
     """The ``pfp`` method: compute the plan, rescale sampled channels in place, return the masks."""
     if scope != "global":
         raise PrunelabError(f"pfp allocates channels across layers itself (one error level): scope must be "
                             f"'global', got {scope!r}")
-    result = plan(model, params, data, sparsity, generator=generator, alive=alive, mode=mode, delta=delta,
-                  points=points, batch_size=batch_size, c=c, target=target, mask_bias=mask_bias,
-                  round_to=round_to)
+    result = plan(model, params, data, sparsity, generator=generator, alive=alive, **options)
     if result.scales:
         all_params = dict(model.named_parameters())
         with torch.no_grad():
@@ -705,7 +701,8 @@ def pfp_pruner(model, params, *, sparsity, scope, alive, data, generator, mode="
     return result.masks
 
 
-def pfp_scores(model, params, *, data, generator, points=None, batch_size=None, delta=1e-16, c=3.0, **_):
+def pfp_scores(model, params, *, data, generator, points=None, batch_size=None, delta=PfpOptions.delta,
+               c=PfpOptions.c, **_):
     """Each weight scored by the sensitivity of the input unit it reads (inspection: ``prunelab.scores``)."""
     from .filters import example_input
 
@@ -715,14 +712,14 @@ def pfp_scores(model, params, *, data, generator, points=None, batch_size=None, 
     batch_size = batch_size or (64 if example.shape[1] == 1 else 128)
     graph = structure.channel_graph(model, example)
     layers = _layers(model, params, graph, example)
-    if points is None and not (isinstance(data, (tuple, list)) and len(data) == 2):
+    if points is None:
         points = sample_size([l.eta for l in layers], delta, c, batch_size)
     inputs = _draw_inputs(data, points, generator)
     sens = empirical_sensitivity(model, inputs, [l.name for l in layers],
                                  units={l.name: l.feature_units for l in layers}, batch_size=batch_size)
     scores = {}
     for layer in layers:
-        name = structure._join(layer.name, "weight")
+        name = param_name(layer.name, "weight")
         column = sens[layer.name][layer.feature_units]
         shape = (1, -1, *([1] * (params[name].dim() - 2)))
         scores[name] = column.view(shape).expand(params[name].shape).clone()
@@ -731,8 +728,6 @@ def pfp_scores(model, params, *, data, generator, points=None, batch_size=None, 
 
 register(Method("pfp", "Provable Filter Pruning: data-informed channel sensitivity, one error level for all "
                        "layers (Liebenwein et al.)", pfp_scores, scope="global", when="trained", needs_data=True,
-                options={"mode": "deterministic", "delta": 1e-16, "points": None, "batch_size": None, "c": 3.0,
-                         "target": "weights", "mask_bias": True, "round_to": 1},
-                pruner=pfp_pruner, structured=True, validate=lambda options: check_options(**options),
-                flags=("mode", "delta", "round_to"), layers=(nn.Linear, nn.Conv2d),
+                options=PfpOptions, pruner=pfp_pruner, structured=True, layers=(nn.Linear, nn.Conv2d),
+                targets=("sparsity", "parameters"), target_options={"parameters": {"target": "all"}},
                 paper="Liebenwein et al., ICLR 2020"))

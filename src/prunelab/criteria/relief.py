@@ -1,11 +1,11 @@
 """NNrelief: prune each neuron's incoming connections by their share of its input activity.
 
 Dekhovich, Tax, Sluiter & Bessa, "Neural network relief: a pruning algorithm based on neural activity",
-Machine Learning 2024 (arXiv 2109.10795); spec and the authors' code (adekhovich/NNrelief) in
-methods.md section 3. Our copy of the paper holds only the abstract; the formulas below are the
-paper's equations as transcribed there, which agree with the code.
+Machine Learning 2024 (arXiv 2109.10795); authors' code adekhovich/NNrelief; spec in
+docs/methods/relief.md. Our copy of the paper holds only the abstract; the formulas below are a
+transcription of the paper's equations, which agrees with the code.
 
-**Score** (methods.md 3.1), on a pruning set of N training images drawn once per run with the seed:
+**Score** (docs/methods/relief.md), on a pruning set of N training images drawn once per run with the seed:
 
 * Linear neuron j with inputs x_i: contribution c_ij = (1/N) sum_n |w_ij x_ni|, bias c_bj = |b_j|;
   shares s_ij = c_ij / S_j, s_bj = c_bj / S_j with S_j = sum_i c_ij + c_bj (the bias competes).
@@ -54,14 +54,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import masking, structure
+from ..data import feed
+from ..data.feed import as_feed
 from ..errors import PrunelabError
+from ..masking import param_name
 from ..hooks import run_with_hooks
 from ..methods import Method, register
+from ..options import Options, option
 
-DEFAULTS = {"alpha_fc": 0.95, "alpha_conv": 0.9, "examples": 1000, "conv_reduce": "fro",
-            "selection": "paper", "remove_dead": True, "cleanup": True, "batch_size": 250}
 CONV_REDUCE = ("fro", "fro_of_mean", "sum")
 SELECTION = ("paper", "code")
+
+
+@dataclass(frozen=True)
+class ReliefOptions(Options):
+    alpha_fc: float = option(0.95, "share of each neuron's input activity its kept connections carry", low=0,
+                             high=1, open_low=True, flag=True)
+    alpha_conv: float = option(0.9, "the same for each conv filter (units are kernel slices)", low=0, high=1,
+                               open_low=True, flag=True)
+    examples: int = option(1000, "pruning-set size drawn from the data", low=1)
+    conv_reduce: str = option("fro", "a kernel slice's activity: 'fro', the Frobenius norm of its output map "
+                                     "(paper); 'fro_of_mean' or 'sum' (the authors' VGG or LeNet code)",
+                              choices=CONV_REDUCE)
+    selection: str = option("paper", "keep exactly the fewest entries reaching alpha (paper), or the code's "
+                                     "threshold", choices=SELECTION)
+    remove_dead: bool = option(True, "remove units that never activate on the pruning set")
+    cleanup: bool = option(True, "remove units whose outgoing connections are all gone")
+    batch_size: int = option(250, "examples per forward pass", low=1)
 
 
 # --- the selection rule ------------------------------------------------------------------------------
@@ -98,20 +117,12 @@ def keep_by_share(share: torch.Tensor, alpha: float, rule: str = "paper") -> tor
 
 # --- activity on the pruning set --------------------------------------------------------------------
 
-def pruning_set(data, examples: int, generator: torch.Generator) -> torch.Tensor:
-    """N inputs drawn from ``data`` (a dataset with ``.inputs``, a pair, or a tensor) with the generator."""
+def pruning_set(data, examples: int, generator: torch.Generator):
+    """N inputs drawn from ``data`` with the generator (all, in order, when it holds no more); any form
+    ``prunelab.data.feed`` takes, or a tensor of inputs."""
     if data is None:
         raise PrunelabError("relief needs data: the pruning set is drawn from the training data (pass data=...)")
-    if isinstance(data, (tuple, list)) and data and torch.is_tensor(data[0]):
-        inputs = data[0]
-    else:
-        inputs = data if torch.is_tensor(data) else getattr(data, "inputs", None)
-    if not torch.is_tensor(inputs) or inputs.ndim < 2 or not len(inputs):
-        raise PrunelabError(f"relief: data must be a dataset with .inputs, an (inputs, targets) pair or an "
-                            f"input tensor, got {type(data).__name__}")
-    if len(inputs) > examples:
-        inputs = inputs[torch.randperm(len(inputs), generator=generator)[:examples]]
-    return inputs
+    return as_feed(data).draw(examples, generator).inputs
 
 
 @dataclass
@@ -201,8 +212,10 @@ def contributions(module: nn.Module, activity: LayerActivity, conv_reduce: str =
     return maps.sum((-2, -1)).T, None if bias is None else bias * hw
 
 
-def relief_scores(model: nn.Module, params, *, data, generator, alpha_fc=0.95, alpha_conv=0.9, examples=1000,
-                  conv_reduce="fro", batch_size=250, **_) -> dict[str, torch.Tensor]:
+def relief_scores(model: nn.Module, params, *, data, generator, alpha_fc=ReliefOptions.alpha_fc,
+                  alpha_conv=ReliefOptions.alpha_conv, examples=ReliefOptions.examples,
+                  conv_reduce=ReliefOptions.conv_reduce, batch_size=ReliefOptions.batch_size,
+                  **_) -> dict[str, torch.Tensor]:
     """Each weight's share of its neuron's input activity (kernel slices share one score), for inspection.
 
     All layers are scored on one pass of the current network (no conv-then-fc ordering, no pruning)."""
@@ -259,20 +272,8 @@ def _expand(per_slice: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 def _check(**options) -> dict:
-    """PrunelabError for a bad option value (also called by the lab before a run starts)."""
-    for key in ("alpha_fc", "alpha_conv"):
-        value = options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 < value <= 1):
-            raise PrunelabError(f"relief: {key} must be in (0, 1], got {value!r}")
-    for key in ("examples", "batch_size"):
-        value = options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise PrunelabError(f"relief: {key} must be a positive integer, got {value!r}")
-    for key, allowed in (("conv_reduce", CONV_REDUCE), ("selection", SELECTION)):
-        if key in options and options[key] not in allowed:
-            raise PrunelabError(f"relief: unknown {key} {options[key]!r}; choose from: {', '.join(allowed)}")
-    return options
+    """PrunelabError for a bad option value; the options over the defaults."""
+    return ReliefOptions.parse("relief", options).as_dict()
 
 
 class _Masks:
@@ -328,13 +329,13 @@ def _orphaned_units(graph, layers, masks: _Masks) -> dict[int, list[int]]:
     orphans = {}
     for g, group in _unit_groups(graph, layers):
         producer = group.layers[0]
-        rows = masks.get(structure._join(producer.module, "weight"))
+        rows = masks.get(param_name(producer.module, "weight"))
         units = []
         for c in range(group.size):
             alive_in = any(bool(rows[i].any()) for i in producer.index[c])
             if not alive_in:
                 continue
-            outgoing = [masks.get(structure._join(s.module, "weight"))[:, list(s.index[c])]
+            outgoing = [masks.get(param_name(s.module, "weight"))[:, list(s.index[c])]
                         for s in group.consumers if s.kind in ("conv", "linear")]
             if outgoing and not any(bool(o.any()) for o in outgoing):
                 units.append(c)
@@ -347,7 +348,7 @@ def _block_rule(model, layers, inputs, alpha, batch_size, masks: _Masks, report:
     """conv2 filters of residual blocks whose output is small against the shortcut's (resnet_prune)."""
     blocks = {name: m for name, m in model.named_modules()
               if all(hasattr(m, a) for a in ("conv2", "bn2", "shortcut")) and isinstance(m.conv2, nn.Conv2d)}
-    blocks = {n: b for n, b in blocks.items() if structure._join(n, "conv2") in layers}
+    blocks = {n: b for n, b in blocks.items() if param_name(n, "conv2") in layers}
     if not blocks:
         return
     sums: dict[str, list] = {n: [None, None, 0] for n in blocks}
@@ -370,7 +371,7 @@ def _block_rule(model, layers, inputs, alpha, batch_size, masks: _Masks, report:
         weak = torch.nonzero((body_norm < bound * short_norm) & (body_norm > 0)).flatten().tolist()
         report.shortcut_candidates[name] = int(((short_norm < bound * body_norm) & (short_norm > 0)).sum())
         if weak:
-            conv2, bn2 = structure._join(name, "conv2"), structure._join(name, "bn2")
+            conv2, bn2 = param_name(name, "conv2"), param_name(name, "bn2")
             masks.get(f"{conv2}.weight")[weak] = False
             for local in ("weight", "bias"):
                 if f"{bn2}.{local}" in masks.params:
@@ -378,9 +379,11 @@ def _block_rule(model, layers, inputs, alpha, batch_size, masks: _Masks, report:
             report.block_filters[conv2] = len(weak)
 
 
-def relief_masks(model: nn.Module, params, *, data, generator, alive=None, alpha_fc=0.95, alpha_conv=0.9,
-                 examples=1000, conv_reduce="fro", selection="paper", remove_dead=True, cleanup=True,
-                 batch_size=250) -> tuple[dict[str, torch.Tensor], ReliefReport]:
+def relief_masks(model: nn.Module, params, *, data, generator, alive=None, alpha_fc=ReliefOptions.alpha_fc,
+                 alpha_conv=ReliefOptions.alpha_conv, examples=ReliefOptions.examples,
+                 conv_reduce=ReliefOptions.conv_reduce, selection=ReliefOptions.selection,
+                 remove_dead=ReliefOptions.remove_dead, cleanup=ReliefOptions.cleanup,
+                 batch_size=ReliefOptions.batch_size) -> tuple[dict[str, torch.Tensor], ReliefReport]:
     """One NNrelief pruning step (see module doc): masks for every touched parameter, and a report.
 
     The model's masks are updated as the step goes (dead units, then conv layers, then Linear layers),
@@ -390,7 +393,7 @@ def relief_masks(model: nn.Module, params, *, data, generator, alive=None, alpha
            selection=selection, batch_size=batch_size)
     layers = _layers(model, params)
     inputs = pruning_set(data, examples, generator)
-    graph = structure.channel_graph(model, inputs[:1].to(next(model.parameters()).device))
+    graph = structure.channel_graph(model, feed.to_model(model, feed.take(inputs, slice(0, 1))))
     masks, report = _Masks(model, alive), ReliefReport()
     convs = {n: m for n, m in layers.items() if isinstance(m, nn.Conv2d)}
     linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
@@ -406,9 +409,9 @@ def relief_masks(model: nn.Module, params, *, data, generator, alive=None, alpha
         for name, module in group.items():
             contrib, bias = contributions(module, activity[name], conv_reduce)
             keep = keep_by_share(shares(contrib, bias), alpha, selection)
-            update = {structure._join(name, "weight"): _expand(keep[:, :contrib.shape[1]], module)}
+            update = {param_name(name, "weight"): _expand(keep[:, :contrib.shape[1]], module)}
             if bias is not None:
-                update[structure._join(name, "bias")] = keep[:, -1]
+                update[param_name(name, "bias")] = keep[:, -1]
             masks.merge(update)
 
     if convs:
@@ -436,7 +439,6 @@ def _pruner(model, params, *, sparsity, scope, alive, data, generator, **options
 
 register(Method(
     "relief", "NNrelief: per-neuron cumulative share of input activity, iterative (Dekhovich et al. 2024)",
-    relief_scores, scope="layer", needs_data=True, options=dict(DEFAULTS), pruner=_pruner, structured=True,
-    flags=("alpha_fc", "alpha_conv"), own_sparsity=True, layers=(nn.Linear, nn.Conv2d),
-    validate=lambda options: _check(**options),
+    relief_scores, scope="layer", needs_data=True, options=ReliefOptions, pruner=_pruner, structured=True,
+    targets=(), schedule="iterative", layers=(nn.Linear, nn.Conv2d),
     paper="Dekhovich, Tax, Sluiter & Bessa, Machine Learning 2024 (arXiv 2109.10795), section 3"))

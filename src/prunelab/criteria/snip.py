@@ -1,4 +1,4 @@
-"""SNIP: single-shot network pruning based on connection sensitivity (methods.md section 1).
+"""SNIP: single-shot network pruning based on connection sensitivity (docs/methods/snip.md).
 
 Lee, Ajanthan & Torr, "SNIP: Single-shot Network Pruning based on Connection Sensitivity", ICLR 2019.
 
@@ -21,16 +21,16 @@ Options (``Method.options``; ``--method-option key=value`` in the lab):
   batch size: 100 for single-channel inputs (the MNIST family), 128 otherwise (CIFAR).
 * ``batches`` (1): number of batches. The official code draws exactly one. With more, the *signed*
   g_j are summed over the batches before the absolute value (the gradient of the summed loss; what
-  torchprune's SNIP does, and what methods.md recommends), not the |g_j| of each batch.
+  torchprune's SNIP does; see docs/methods/snip.md), not the |g_j| of each batch.
 * ``bn_mode`` ("eval"): "eval" = normalisation layers use their running statistics, which on a fresh
   model are the initial ones (mean 0, variance 1), as the official code does (``is_train=False``);
   "train" = batch statistics. Either way the running statistics are left exactly as they were.
   Dropout is always off while scoring.
 
-Scoring data: ``data`` is an `ArrayDataset` (anything with ``.batches(batch_size, shuffle, seed,
-augment)``), from which ``batches`` shuffled, un-augmented batches are drawn with a seed taken from
-``generator``; or an ``(inputs, targets)`` pair of tensors, used whole and in order as the scoring
-data (split into ``batches`` consecutive chunks; ``batch_size`` must then be left unset).
+Scoring data: any form ``prunelab.data.feed`` takes (a Dataset, a DataLoader, an ``(inputs, targets)``
+pair, an iterable of batches). ``batches x batch_size`` un-augmented examples are drawn without
+replacement with a seed taken from ``generator`` (all of them, in order, when the data holds no more) and
+cut into consecutive batches. The loss is the feed's ``loss_fn`` (default cross-entropy).
 
 Scoring leaves the model as it was: weights, buffers (BatchNorm running statistics), the train/eval
 mode of every module, ``requires_grad`` and ``.grad`` (gradients are taken with `torch.autograd.grad`,
@@ -45,6 +45,7 @@ prune-at-initialisation criteria (GraSP, SynFlow).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import torch
@@ -52,8 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import masking
+from ..data import feed
+from ..data.feed import Feed, as_feed
 from ..errors import PrunelabError
 from ..methods import Method, register
+from ..options import Options, option
 
 BN_MODES = ("eval", "train")
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -73,72 +77,59 @@ def check_bn_mode(method: str, bn_mode) -> str:
     return bn_mode
 
 
-def check_options(options) -> None:
-    """SNIP's option values, checked by the lab before a run starts."""
-    check_positive_int("snip", "batches", options.get("batches", 1))
-    if options.get("batch_size") is not None:
-        check_positive_int("snip", "batch_size", options["batch_size"])
-    check_bn_mode("snip", options.get("bn_mode", "eval"))
-
-
-def _as_pair(data):
-    """(inputs, targets) if ``data`` is a pair of tensors, else None."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        inputs, targets = data
-        if inputs.shape[0] != targets.shape[0] or inputs.shape[0] == 0:
-            raise PrunelabError(f"scoring data: inputs ({inputs.shape[0]}) and targets ({targets.shape[0]}) "
-                                "must hold the same, non-zero number of examples")
-        return inputs, targets
-    return None
+@dataclass(frozen=True)
+class SnipOptions(Options):
+    batch_size: int | None = option(None, "examples per scoring batch; None: the paper's training batch "
+                                          "(100 for 1-channel inputs, else 128)", low=1)
+    batches: int = option(1, "scoring batches; signed sensitivities are summed over them", low=1)
+    bn_mode: str = option("eval", "normalisation layers on running ('eval') or batch ('train') statistics",
+                          choices=BN_MODES)
 
 
 def example_shape(data) -> tuple[int, ...] | None:
-    """The shape of one input example of ``data`` (a dataset or a pair of tensors), or None."""
+    """The shape of one input example of ``data`` (any form ``prunelab.data.feed`` takes), or None."""
     if data is None:
         return None
-    pair = _as_pair(data)
-    if pair is not None:
-        return tuple(pair[0].shape[1:])
-    inputs = getattr(data, "inputs", None)
-    if torch.is_tensor(inputs):
-        return tuple(inputs.shape[1:])
-    return None
+    try:
+        return as_feed(data).input_shape()
+    except PrunelabError:
+        return None
 
 
-def default_batch_size(data) -> int:
+def default_batch_size(data: Feed) -> int:
     """The paper's scoring batch (= its training batch): 100 for 1-channel (MNIST) inputs, else 128."""
     shape = example_shape(data)
     return 100 if shape is not None and len(shape) >= 1 and shape[0] == 1 else 128
 
 
+def require_data(data, method: str) -> Feed:
+    """``data`` as a Feed, or the error naming the method that needs it."""
+    if data is None:
+        raise PrunelabError(f"method {method!r} needs data to score (pass data=...)")
+    return as_feed(data)
+
+
 def scoring_batches(data, generator: torch.Generator, *, batch_size: int | None, batches: int,
                     method: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The scoring batches: see the module docstring for the rules."""
+    """``batches`` batches of ``batch_size`` examples drawn without replacement with a seed taken from
+    ``generator`` (``prunelab.data.feed``'s draw: the same examples from every form of the same data).
+    ``batch_size`` None: the paper's (100 or 128), or all examples when the data holds fewer."""
     batches = check_positive_int(method, "batches", batches)
     if batch_size is not None:
         batch_size = check_positive_int(method, "batch_size", batch_size)
-    if data is None:
-        raise PrunelabError(f"method {method!r} needs data to score (pass data=...)")
-    pair = _as_pair(data)
-    if pair is not None:
-        if batch_size is not None:
-            raise PrunelabError(f"{method}: batch_size applies to a dataset; a pair of (inputs, targets) "
-                                "tensors is used whole (split it with the batches option)")
-        if batches > pair[0].shape[0]:
-            raise PrunelabError(f"{method}: cannot split {pair[0].shape[0]} examples into {batches} batches")
-        return list(zip(torch.tensor_split(pair[0], batches), torch.tensor_split(pair[1], batches)))
-    if not hasattr(data, "batches"):
-        raise PrunelabError(f"{method}: data must be a dataset (ArrayDataset) or a pair of (inputs, targets) "
-                            f"tensors, got {type(data).__name__}")
+    data = require_data(data, method)
     size = batch_size or default_batch_size(data)
+    if data.length is not None and batch_size is None:
+        size = min(size, max(data.length // batches, 1))
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    drawn = []
-    for batch in data.batches(size, shuffle=True, seed=seed, drop_last=True, augment=False):
-        drawn.append(batch)
-        if len(drawn) == batches:
-            return drawn
-    raise PrunelabError(f"{method}: the data holds {len(data)} examples, too few for {batches} full batch(es) "
-                        f"of {size} (set batch_size or batches)")
+    drawn = data.draw(size * batches, torch.Generator().manual_seed(seed))
+    if len(drawn) < size * batches:
+        raise PrunelabError(f"{method}: the data holds {len(drawn)} examples, too few for {batches} full "
+                            f"batch(es) of {size} (set batch_size or batches)")
+    if drawn.targets is None:
+        raise PrunelabError(f"{method} scores the loss: the data must hold targets")
+    return [(feed.take(drawn.inputs, slice(i * size, (i + 1) * size)), drawn.targets[i * size:(i + 1) * size])
+            for i in range(batches)]
 
 
 @contextlib.contextmanager
@@ -176,24 +167,16 @@ def scoring_mode(model: nn.Module, params: Mapping[str, nn.Parameter], bn_mode: 
             module.training = mode
 
 
-def to_model(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
-    """Move a batch to the model's device (and floating inputs to its dtype)."""
-    reference = next(model.parameters())
-    if inputs.is_floating_point():
-        inputs = inputs.to(reference.device, reference.dtype)
-    else:
-        inputs = inputs.to(reference.device)
-    return inputs, targets.to(reference.device)
-
-
 def loss_gradients(model: nn.Module, params: Mapping[str, nn.Parameter], inputs, targets, *,
-                   temperature: float = 1.0, create_graph: bool = False) -> list[torch.Tensor]:
-    """dL/dw for each of ``params``, L = mean cross-entropy of logits / temperature (no .grad written)."""
-    inputs, targets = to_model(model, inputs, targets)
-    logits = model(inputs)
+                   data: Feed | None = None, temperature: float = 1.0,
+                   create_graph: bool = False) -> list[torch.Tensor]:
+    """dL/dw for each of ``params``, L = ``data``'s loss (default: mean cross-entropy) of logits / temperature
+    (no .grad written)."""
+    data = data if data is not None else Feed((inputs, targets))
+    logits = data.logits(model, inputs)
     if temperature != 1.0:
         logits = logits / temperature
-    loss = F.cross_entropy(logits, targets)
+    loss = data.loss_fn(logits, targets.to(logits.device))
     return list(torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
                                     allow_unused=True, materialize_grads=True))
 
@@ -201,26 +184,28 @@ def loss_gradients(model: nn.Module, params: Mapping[str, nn.Parameter], inputs,
 # --- SNIP ---------------------------------------------------------------------------------------------
 
 def connection_sensitivity(model: nn.Module, params: Mapping[str, nn.Parameter], *, data,
-                           generator: torch.Generator, batch_size: int | None = None, batches: int = 1,
-                           bn_mode: str = "eval") -> dict[str, torch.Tensor]:
+                           generator: torch.Generator, batch_size: int | None = SnipOptions.batch_size,
+                           batches: int = SnipOptions.batches,
+                           bn_mode: str = SnipOptions.bn_mode) -> dict[str, torch.Tensor]:
     """The signed connection sensitivity g_j = w_j dL/dw_j (paper eq. 5), summed over the batches.
 
     Returned in float64 on the CPU, keyed like ``params``.
     """
     bn_mode = check_bn_mode("snip", bn_mode)
+    data = require_data(data, "snip")
     drawn = scoring_batches(data, generator, batch_size=batch_size, batches=batches, method="snip")
     total = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in params.items()}
     with scoring_mode(model, params, bn_mode):
         for inputs, targets in drawn:
-            grads = loss_gradients(model, params, inputs, targets)
+            grads = loss_gradients(model, params, inputs, targets, data=data)
             for (name, p), grad in zip(params.items(), grads):
                 total[name] += (p.detach() * grad).cpu().to(torch.float64)  # float64 on the CPU (not on MPS)
     return total
 
 
 def snip_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, generator: torch.Generator,
-                batch_size: int | None = None, batches: int = 1, bn_mode: str = "eval",
-                **_) -> dict[str, torch.Tensor]:
+                batch_size: int | None = SnipOptions.batch_size, batches: int = SnipOptions.batches,
+                bn_mode: str = SnipOptions.bn_mode, **_) -> dict[str, torch.Tensor]:
     """SNIP's connection sensitivity s_j = |g_j| / sum_k |g_k| (paper eqs. 5-6); higher = keep."""
     g = connection_sensitivity(model, params, data=data, generator=generator, batch_size=batch_size,
                                batches=batches, bn_mode=bn_mode)
@@ -234,5 +219,5 @@ def snip_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, g
 register(Method(
     "snip", "connection sensitivity |w dL/dw| on a data batch, pruned once at initialisation",
     snip_scores, scope="global", when="init", needs_data=True,
-    options={"batch_size": None, "batches": 1, "bn_mode": "eval"}, validate=check_options,
+    options=SnipOptions,
     paper="Lee, Ajanthan & Torr, ICLR 2019"))

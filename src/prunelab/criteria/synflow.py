@@ -1,4 +1,4 @@
-"""SynFlow: iterative synaptic flow pruning, data-free, at initialisation (methods.md section 6).
+"""SynFlow: iterative synaptic flow pruning, data-free, at initialisation (docs/methods/grasp-synflow.md).
 
 Tanaka, Kunin, Yamins & Ganguli, "Pruning neural networks without any data by iteratively conserving
 synaptic flow", NeurIPS 2020.
@@ -15,14 +15,14 @@ the total flow through every layer is conserved).
 Implemented as a ``pruner`` (it returns masks; ``prunelab.scores(model, "synflow")`` gives one round's
 S on the current masks). Details:
 
-* Everything is computed on a float64 deep copy (methods.md: run it in float64; on the CPU for a model
+* Everything is computed on a float64 deep copy (docs/methods/grasp-synflow.md; on the CPU for a model
   on Apple's MPS, which has no float64): the model's weights, buffers and masks are never touched, and
   no randomness is used (the result is deterministic).
 * Like the official code (ganguli-lab/Synaptic-Flow ``Pruners/pruners.py::SynFlow``, ``prune.py``,
   read for this implementation), the absolute value is taken of every floating parameter *and* buffer
   (BatchNorm running statistics), the model is in eval mode, S = |θ ⊙ dR/dθ| and the schedule keeps
   density^(k/n) at round k. The official code runs in float32 (its ``model.double()`` is commented out);
-  float64 here, as methods.md recommends, keeps R finite on deep networks.
+  float64 here keeps R finite on deep networks.
 * Masks already on the model (``alive``) stay: those weights are zero in the copy and never selected.
   Each round selects with `prunelab.selection` (global by default, ``scope="layer"`` allowed), so the
   last round, at exactly the target sparsity, keeps exactly round((1 - s) m) weights.
@@ -35,7 +35,8 @@ S on the current masks). Details:
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ from torch import nn
 from .. import masking, selection
 from ..errors import PrunelabError
 from ..methods import Method, register
+from ..options import Options, option
 from .snip import check_positive_int, example_shape, scoring_mode
 
 
@@ -107,6 +109,13 @@ def _prepare(model, params, alive, data, input_shape):
     return clone, clone_params, alive, ones
 
 
+@dataclass(frozen=True)
+class SynflowOptions(Options):
+    rounds: int = option(100, "pruning rounds, each keeping (1 - sparsity)^(k/rounds)", low=1)
+    input_shape: Any = option(None, "one example's input shape, e.g. 1,28,28; None: from the data or "
+                                    "model.input_shape")
+
+
 def synflow_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data=None,
                    input_shape=None, **_) -> dict[str, torch.Tensor]:
     """One round of synaptic saliency S = |θ| ⊙ dR/d|θ| on the model as masked now (higher = keep)."""
@@ -142,7 +151,8 @@ def _round_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
 
 
 def synflow_pruner(model: nn.Module, params: Mapping[str, nn.Parameter], *, sparsity: float, scope: str,
-                   alive: Mapping[str, torch.Tensor], data=None, rounds: int = 100, input_shape=None,
+                   alive: Mapping[str, torch.Tensor], data=None, rounds: int = SynflowOptions.rounds,
+                   input_shape=None,
                    **_) -> dict[str, torch.Tensor]:
     """SynFlow masks: ``rounds`` rounds, keeping (1 - sparsity)^(k/rounds) at round k (Tanaka et al. 2020)."""
     rounds = check_positive_int("synflow", "rounds", rounds)
@@ -166,5 +176,5 @@ def synflow_pruner(model: nn.Module, params: Mapping[str, nn.Parameter], *, spar
 register(Method(
     "synflow", "iterative synaptic flow |θ|⊙dR/d|θ| on an all-ones input; data-free, avoids layer collapse",
     synflow_scores, scope="global", when="init", needs_data=False,
-    options={"rounds": 100, "input_shape": None}, pruner=synflow_pruner,
+    options=SynflowOptions, pruner=synflow_pruner,
     paper="Tanaka, Kunin, Yamins & Ganguli, NeurIPS 2020"))

@@ -164,7 +164,7 @@ _SPECS = {
     ),
 }
 
-# PFP's LeNet-5 reads MNIST resized to 32x32 with pad-4 random crops (methods.md 2.5).
+# PFP's LeNet-5 reads MNIST resized to 32x32 with pad-4 random crops (docs/methods/pfp.md).
 _SPECS["mnist32"] = replace(
     _SPECS["mnist"],
     info=DatasetInfo("mnist32", (1, 32, 32), 10, (0.1307,), (0.3081,), 60000, 10000,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PrunelabError
+from ..options import option
 from ..training import TrainConfig
 
 WHEN = ("init", "trained", "during")
@@ -25,51 +26,63 @@ REWIND = ("none", "init", "early")
 
 
 @dataclass
-class RunConfig:
+class RunConfig(TrainConfig):
+    """Every setting of a run: TrainConfig's training settings and the keys below. Each field's help is
+    its CLI flag's help."""
+
     # what to prune
-    model: str = ""
-    dataset: str | None = None          # default: the model's own dataset
-    method: str = "none"                # "none" trains the dense reference
-    sparsity: float = 0.0               # target fraction of prunable weights removed, in [0, 1)
-    scope: str | None = None            # "global" | "layer"; default: the method's
-    when: str | None = None             # "init" | "trained"; default: the method's
-    rounds: int = 1                     # iterative pruning rounds (geometric keep ratio per round)
-    rewind: str = "none"                # after each round: "none" (fine-tune), "init" or "early" (LTH)
-    rewind_iteration: int = 0           # the step of pre-training rewound to when rewind = "early"
-    include_bias: bool = False          # prune biases too
-    reinit: bool = False                # when = "init": train from a fresh draw of the initialisation
-                                        # under the masks (SNIP's official code), not the scored weights
-    reinit_init: str | None = None      # the fresh draw's initialisation (SNIP Table 3 trains VS-X); default: init
-    method_options: dict[str, Any] = field(default_factory=dict)
+    model: str = option("", "architecture (prunelab list models)")
+    dataset: str | None = option(None, "dataset (prunelab list datasets); default: the model's own")
+    method: str = option("none", "pruning method (prunelab list methods); 'none' trains the dense reference")
+    sparsity: float = option(0.0, "target fraction of the prunable weights removed, in [0, 1)")
+    channels: float = option(0.0, "target fraction of each eligible layer's channels removed (pfec, softnet, "
+                                  "nisp), in [0, 1)")
+    parameters: float = option(0.0, "target fraction of all parameters removed (pfp's PR), in [0, 1)")
+    scope: str | None = option(None, "selection scope: global | layer (default: the method's)")
+    when: str | None = option(None, "init (prune, then train) | trained (train, prune, fine-tune) | during "
+                                    "(prune while training: lobster, isparse --mode train-with, or any "
+                                    "score-based method gradually); default: the method's")
+    rounds: int = option(1, "iterative pruning rounds, each keeping the same fraction of the survivors")
+    rewind: str = option("none", "after each round: none (fine-tune) | init | early (lottery-ticket rewinding)")
+    rewind_iteration: int = option(0, "pre-training step rewound to when rewind = early")
+    include_bias: bool = option(False, "prune biases too")
+    reinit: bool = option(False, "when = init: train a fresh draw of the initialisation under the masks "
+                                 "(SNIP's official code), not the scored weights")
+    reinit_init: str | None = option(None, "with reinit: the fresh draw's initialisation (default: init)")
+    prune_every: int | None = option(None, "when = during, for a score-based method: steps between gradual "
+                                           "pruning steps (default: one epoch)")
+    prune_end: int | None = option(None, "when = during: the step at which the cubic schedule reaches the "
+                                         "target (default: 3/4 of the budget)")
+    method_options: dict[str, Any] = option(None, "method option KEY=VALUE (repeatable)", factory=dict)
     # model and data
-    init: str = "default"
-    model_options: dict[str, Any] = field(default_factory=dict)
-    data_root: str | None = None
-    val_fraction: float = 0.1
-    normalize_inputs: bool = True       # standardise with the dataset's mean/std; false: pixels in [0, 1]
-    # training (see TrainConfig)
-    epochs: int | None = 10
-    iterations: int | None = None
-    batch_size: int = 100
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    milestones: list[int] = field(default_factory=list)
-    step_size: int = 0
-    gamma: float = 0.1
-    warmup: int = 0
-    finetune_epochs: int | None = None  # after each pruning step (after a rewind too); default: the budget
-    finetune_lr: float | None = None    # default: lr
-    keep_best: bool = False             # end each training stage with its lowest-validation-error epoch
+    init: str = option("default", "initialisation: default | vs-h | vs-x | vs | normal | truncated-normal")
+    model_options: dict[str, Any] = option(None, "model option KEY=VALUE, e.g. relu=true (repeatable)",
+                                           factory=dict)
+    data_root: str | None = option(None, "data folder (default: $PRUNELAB_DATA, else the user cache)")
+    val_fraction: float = option(0.1, "fraction of the training set held out for validation, in [0, 1)")
+    normalize_inputs: bool = option(True, "standardise inputs with the dataset mean/std (false: pixels in "
+                                          "[0, 1], as NNrelief)")
+    # training after pruning (the training settings themselves are TrainConfig's)
+    finetune_epochs: int | None = option(None, "training epochs after each pruning step of a trained model "
+                                               "(fine-tuning, or retraining after a rewind; 0: none); default: "
+                                               "the training budget")
+    finetune_lr: float | None = option(None, "fine-tuning learning rate (default: lr)")
+    keep_best: bool = option(False, "end each training stage with the weights of its epoch with the lowest "
+                                    "validation error (the test set is never used)")
     # run
-    seed: int = 0
-    out: str | None = None              # default: runs/<model>_<dataset>_<method>_<hash>
-    device: str = "cpu"
-    threads: int | None = None
-    latency: bool = True                # measure CPU inference latency at the end
+    seed: int = option(0, "seed of every random choice (initialisation, split, batches, random methods)")
+    out: str | None = option(None, "run folder (default: runs/<model>_<dataset>_<method>_<hash>); an "
+                                   "existing one resumes")
+    device: str = option("cpu", "torch device, e.g. cpu or cuda")
+    threads: int | None = option(None, "CPU threads for torch")
+    latency: bool = option(True, "measure CPU inference latency at the end")
+
+    def __post_init__(self):
+        pass  # the training settings are checked by resolve (train_config), with the rest of the run
+
+    def targets(self) -> dict[str, float]:
+        """The pruning targets given (non-zero): ``{"sparsity": 0.9}`` and the like."""
+        return {k: getattr(self, k) for k in ("sparsity", "channels", "parameters") if getattr(self, k)}
 
     def train_config(self, finetune: bool = False) -> TrainConfig:
         keys = {f.name for f in fields(TrainConfig)}
@@ -96,8 +109,11 @@ class RunConfig:
 
 # where a run is written, how fast, and which folder its checksummed data comes from: never its result
 UNHASHED = ("out", "threads", "latency", "data_root")
-LATER_KEYS = {"normalize_inputs": True, "keep_best": False, "reinit_init": None}
-FIELDS = {f.name: f for f in fields(RunConfig)}
+LATER_KEYS = {"normalize_inputs": True, "keep_best": False, "reinit_init": None, "channels": 0.0, "parameters": 0.0,
+              "prune_every": None, "prune_end": None, "eval_batch_size": 1000}
+_TRAINING = {f.name for f in fields(TrainConfig)}
+# the run's own keys first (what to prune, model and data), then the training settings
+FIELDS = {f.name: f for f in sorted(fields(RunConfig), key=lambda f: f.name in _TRAINING)}
 
 
 def field_kind(name: str) -> type:
@@ -150,8 +166,28 @@ def make_config(values: dict[str, Any]) -> RunConfig:
     return RunConfig(**{k: coerce(k, v) for k, v in values.items()})
 
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # shipped with the package
+
+
+def list_configs() -> list[str]:
+    """The names of the configs shipped with prunelab (``prunelab run NAME`` runs one)."""
+    return sorted(p.stem for p in CONFIGS.glob("*.toml"))
+
+
+def find_config(name: str | Path) -> Path:
+    """A config file: the path given, or the shipped config of that name (``quickstart``)."""
+    path = Path(name)
+    if path.exists() or path.suffix == ".toml" or path.parent != Path("."):
+        return path
+    shipped = CONFIGS / f"{name}.toml"
+    if shipped.exists():
+        return shipped
+    raise PrunelabError(f"config {name!r} is neither a file nor a shipped config; shipped: "
+                        f"{', '.join(list_configs())}")
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = find_config(path)
     try:
         with path.open("rb") as handle:
             raw = tomllib.load(handle)
@@ -192,7 +228,8 @@ def fold_method_flags(values: dict[str, Any]) -> dict[str, Any]:
 def to_toml(config: RunConfig) -> str:
     """Render a config as TOML (flat keys, then the two option tables); None values are omitted."""
     plain, tables = [], []
-    for name, value in asdict(config).items():
+    values = asdict(config)
+    for name, value in ((name, values[name]) for name in FIELDS):
         if value is None:
             continue
         if isinstance(value, dict):
@@ -229,48 +266,4 @@ def defaults() -> dict[str, Any]:
     return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(RunConfig)}
 
 
-HELP = {
-    "model": "architecture (prunelab list models)",
-    "dataset": "dataset (prunelab list datasets); default: the model's own",
-    "method": "pruning method (prunelab list methods); 'none' trains the dense reference",
-    "sparsity": "target fraction removed, in [0, 1): of the prunable weights, or for pfec, softnet and nisp "
-                "of each layer's channels (the weight sparsity that follows is reported)",
-    "scope": "selection scope: global | layer (default: the method's)",
-    "when": "init (prune, then train) | trained (train, prune, fine-tune) | during (the method prunes "
-            "while training: lobster, isparse --mode train-with); default: the method's",
-    "rounds": "iterative pruning rounds, each keeping the same fraction of the survivors",
-    "rewind": "after each round: none (fine-tune) | init | early (lottery-ticket rewinding)",
-    "rewind_iteration": "pre-training step rewound to when rewind = early",
-    "include_bias": "prune biases too",
-    "reinit": "when = init: train a fresh draw of the initialisation under the masks",
-    "reinit_init": "with reinit: the fresh draw's initialisation (default: init)",
-    "method_options": "method option KEY=VALUE (repeatable)",
-    "init": "initialisation: default | vs-h | vs-x | vs | normal | truncated-normal",
-    "model_options": "model option KEY=VALUE, e.g. relu=true (repeatable)",
-    "data_root": "data folder (default: $PRUNELAB_DATA, else the user cache)",
-    "val_fraction": "fraction of the training set held out for validation, in [0, 1)",
-    "normalize_inputs": "standardise inputs with the dataset mean/std (false: pixels in [0, 1], as NNrelief)",
-    "epochs": "training budget in epochs",
-    "iterations": "training budget in steps (overrides epochs)",
-    "batch_size": "training batch size",
-    "optimizer": "sgd | adam",
-    "lr": "learning rate",
-    "momentum": "SGD momentum",
-    "nesterov": "Nesterov momentum",
-    "weight_decay": "L2 weight decay",
-    "lr_schedule": "constant | step | multistep | cosine",
-    "milestones": "multistep decay points, in the budget's unit",
-    "step_size": "step schedule period, in the budget's unit",
-    "gamma": "decay factor of step / multistep",
-    "warmup": "linear warm-up length, in the budget's unit",
-    "finetune_epochs": "training epochs after each pruning step of a trained model (fine-tuning, or "
-                       "retraining after a rewind; 0: none); default: the training budget",
-    "finetune_lr": "fine-tuning learning rate (default: lr)",
-    "keep_best": "end each training stage with the weights of its epoch with the lowest validation error "
-                 "(the test set is never used)",
-    "seed": "seed of every random choice (initialisation, split, batches, random methods)",
-    "out": "run folder (default: runs/<model>_<dataset>_<method>_<hash>); an existing one resumes",
-    "device": "torch device, e.g. cpu or cuda",
-    "threads": "CPU threads for torch",
-    "latency": "measure CPU inference latency at the end",
-}
+HELP = {name: f.metadata["help"] for name, f in FIELDS.items()}

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .. import __version__, checkpoint, masking, metrics, pruning, selection
+from .. import __version__, checkpoint, masking, metrics, pruning, schedules
 from ..data import dataset_info, load_dataset
 from ..errors import PrunelabError, TrainingDiverged
 from ..methods import check_layers
@@ -41,8 +41,12 @@ KEEP_PREFIX = "keep::"  # checkpoint tensors: keep_best's weights of the stage's
 class Stage:
     kind: str                 # "train" | "prune" | "rewind"
     name: str                 # "train", "pretrain", "finetune", "retrain", "prune-1", ...
-    sparsity: float = 0.0     # prune stages: cumulative target after this stage
     finetune: bool = False    # train stages: use the fine-tuning budget and learning rate
+
+    @property
+    def round(self) -> int:
+        """A prune stage's round (1-based): the schedule's round targets decide its amount."""
+        return int(self.name.rpartition("-")[2]) if "-" in self.name else 1
 
 
 def resolve(config: RunConfig) -> RunConfig:
@@ -55,15 +59,8 @@ def resolve(config: RunConfig) -> RunConfig:
     if tuple(data.input_shape) != tuple(info.input_shape):
         raise PrunelabError(f"model {info.name} expects inputs of shape {tuple(info.input_shape)}, "
                             f"dataset {data.name} gives {tuple(data.input_shape)}")
-    selection.check_sparsity(config.sparsity)
-    unknown_options = sorted(set(config.method_options) - set(method.options))
-    if unknown_options:
-        raise PrunelabError(f"unknown option(s) {', '.join(unknown_options)} for method {method.name!r}; "
-                            f"allowed: {', '.join(sorted(method.options)) or 'none'}")
-    _check_option_types(method, config.method_options)
-    if method.validate:
-        method.validate({**method.options, **config.method_options})
-    implied = method.when_from({**method.options, **config.method_options}) if method.when_from else None
+    options = method.parse_options(config.method_options)
+    implied = method.when_from(options) if method.when_from else None
     if config.when and implied and config.when != implied:
         raise PrunelabError(f"when = {config.when!r} contradicts the options of method {method.name!r}, "
                             f"which prune {implied!r}")
@@ -72,17 +69,19 @@ def resolve(config: RunConfig) -> RunConfig:
     for key, value, allowed in (("when", when, WHEN), ("scope", scope, SCOPES), ("rewind", config.rewind, REWIND)):
         if value not in allowed:
             raise PrunelabError(f"invalid {key} {value!r}; choose from: {', '.join(allowed)}")
-    if when == "during" and method.schedule is None and method.name != "none":
-        raise PrunelabError(f"method {method.name!r} does not prune while training; when = 'init' or 'trained'")
-    if when != "during" and method.schedule is not None and not prunes:
+    if when == "during" and method.schedule == "iterative":
+        raise PrunelabError(f"method {method.name!r} prunes in rounds between trainings: when = 'trained' "
+                            "with rounds")
+    if when != "during" and method.schedule == "lobster":
         raise PrunelabError(f"method {method.name!r} prunes while training: when = 'during'")
-    if method.own_sparsity and config.sparsity:
-        raise PrunelabError(f"method {method.name!r} finds its own sparsity; drop --sparsity")
-    if method.name == "none" and config.sparsity:
-        raise PrunelabError("method 'none' trains the dense model; give --method to prune "
-                            f"(sparsity {config.sparsity} requested)")
-    if method.name != "none" and not method.own_sparsity and not config.sparsity:
-        raise PrunelabError(f"method {method.name!r} needs a target: --sparsity in (0, 1)")
+    if method.name == "none":
+        if config.targets():
+            raise PrunelabError("method 'none' trains the dense model; give --method to prune "
+                                f"({', '.join(f'{k} {v}' for k, v in config.targets().items())} requested)")
+    else:
+        pruning.check_target(method, **config.targets())
+    if when != "during" and (config.prune_every is not None or config.prune_end is not None):
+        raise PrunelabError("prune_every and prune_end apply to gradual pruning while training (when = 'during')")
     if config.keep_best and (when == "during" or config.val_fraction <= 0):
         raise PrunelabError("keep_best chooses epochs on validation data: it needs val_fraction > 0 and a "
                             "schedule that does not prune while training")
@@ -90,6 +89,9 @@ def resolve(config: RunConfig) -> RunConfig:
         raise PrunelabError(f"method {method.name!r} decides on validation data: val_fraction must be > 0")
     if config.rounds < 1:
         raise PrunelabError(f"rounds must be >= 1, got {config.rounds}")
+    for key in ("prune_every", "prune_end"):
+        if getattr(config, key) is not None and getattr(config, key) < 1:
+            raise PrunelabError(f"{key} must be >= 1, got {getattr(config, key)}")
     if when == "init" and (config.rounds > 1 or config.rewind != "none"):
         raise PrunelabError("rounds and rewind apply to pruning a trained model (when = 'trained')")
     if config.rewind == "early" and config.rewind_iteration < 1:
@@ -130,24 +132,6 @@ def _check_device(name: str) -> None:
         raise PrunelabError(f"device {name!r} is not supported; use cpu or cuda")
 
 
-def _check_option_types(method, options: dict) -> None:
-    """A method option must have its default's type (an int may stand for a float)."""
-    for key, value in options.items():
-        default = method.options.get(key)
-        if default is None or value is None:
-            continue
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                isinstance(default, float) or isinstance(value, int))
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            raise PrunelabError(f"method {method.name!r} option {key} must be {type(default).__name__} like its "
-                                f"default {default!r}, got {value!r}")
-
-
 def plan(config: RunConfig) -> list[Stage]:
     """The stages of a resolved config."""
     if config.method == "none":
@@ -156,12 +140,10 @@ def plan(config: RunConfig) -> list[Stage]:
         return [Stage("train", config.method)]  # the method's schedule prunes inside this stage
     if config.when == "init":
         reinit = [Stage("rewind", "reinit")] if config.reinit else []
-        return [Stage("prune", "prune", config.sparsity), *reinit, Stage("train", "train")]
+        return [Stage("prune", "prune"), *reinit, Stage("train", "train")]
     stages = [Stage("train", "pretrain")]
     for r in range(1, config.rounds + 1):
-        # geometric schedule: every round keeps the same fraction of what survived the last one
-        target = 1.0 - (1.0 - config.sparsity) ** (r / config.rounds) if r < config.rounds else config.sparsity
-        stages.append(Stage("prune", f"prune-{r}", target))
+        stages.append(Stage("prune", f"prune-{r}"))
         if config.rewind != "none":
             # retrain after rewinding: the full training budget (LTH), or the fine-tuning one when given
             stages += [Stage("rewind", f"rewind-{r}"),
@@ -265,7 +247,7 @@ class Run:
                                                        val_fraction=cfg.val_fraction, seed=cfg.seed,
                                                        normalize_inputs=cfg.normalize_inputs)
         if method.check_structure is not None:
-            method.check_structure(self.model, params, self.test, {**method.options, **cfg.method_options})
+            method.check_structure(self.model, params, self.test, method.parse_options(cfg.method_options))
         if cfg.rewind == "early":
             steps = cfg.train_config().total_steps(max(self.train.num_batches(cfg.batch_size, drop_last=False), 1))
             if cfg.rewind_iteration > steps:
@@ -319,7 +301,8 @@ class Run:
             checkpoint.restore_optimizer(trainer.optimizer, *optimizer_state)
         if stage.name == "pretrain" and cfg.rewind == "early":
             trainer.step_hooks.append(self._snapshot_at(cfg.rewind_iteration))
-        schedule = self._during_schedule(trainer, state, optimizer_state)
+        schedule = (self._during_schedule(trainer, state, optimizer_state)
+                    if cfg.when == "during" and cfg.method != "none" else None)
         best = None  # keep_best: the weights of this stage's epoch with the lowest validation error
         if cfg.keep_best and state.get("stage_best") and optimizer_state:
             best = {k[len(KEEP_PREFIX):]: v for k, v in optimizer_state[0].items() if k.startswith(KEEP_PREFIX)}
@@ -341,11 +324,12 @@ class Run:
             extra = None
             if schedule is not None:
                 started = time.perf_counter()
-                record = schedule.after_epoch(epoch + 1, stats["val_loss"], self.val, self.test, cfg.device)
+                schedule.epoch_end(stats["val_loss"], epoch=epoch + 1)
                 state["seconds"]["prune"] += time.perf_counter() - started
-                if record is not None:
-                    state["prune_events"].append({"stage": stage.name, **record})
-                    self.log(f"{stage.name:>12} pruning phase at epoch {epoch + 1}: {schedule.describe(record)}")
+                for event in schedule.events[len(state["prune_events"]):]:  # this epoch's (steps and its end)
+                    event.update(self._errors_now(event))
+                    state["prune_events"].append({"stage": stage.name, **event})
+                    self.log(f"{stage.name:>12} pruning at epoch {epoch + 1}: {schedule.describe(event)}")
                 state["during"], extra = schedule.state()
             if cfg.keep_best and stats["val_error"] is not None and (
                     best is None or stats["val_error"] < state["stage_best"]["val_error"]):
@@ -354,7 +338,7 @@ class Run:
             if best is not None:
                 extra = {**(extra or {}), **{KEEP_PREFIX + k: v for k, v in best.items()}}
             self._save(state, trainer.optimizer, extra)
-            if schedule is not None and schedule.done():
+            if schedule is not None and schedule.done:
                 self.log(f"{stage.name:>12} stopped: {schedule.stop_reason()}")
                 break
         if best is not None:
@@ -380,18 +364,33 @@ class Run:
         self.log(f"{stage.name:>12} done: test error {test['error']:.2%}, sparsity {summary['sparsity']:.4f}, "
                  f"compression {summary['compression_ratio']:.2f}x")
 
-    def _during_schedule(self, trainer: Trainer, state: dict, optimizer_state):
-        """The schedule of a method that prunes while training, hooked to this stage's optimizer."""
-        method = pruning.get_method(self.config.method)
-        if self.config.when != "during" or method.schedule is None:
-            return None
+    def _during_schedule(self, trainer: Trainer, state: dict, optimizer_state) -> schedules.Schedule:
+        """The schedule that prunes while training, driven by this stage's steps and epochs."""
         cfg = self.config
-        schedule = method.schedule(self.model, dict(cfg.method_options), sparsity=cfg.sparsity, data=self.train,
-                                   seed=cfg.seed, scope=cfg.scope, include_bias=cfg.include_bias)
+        method = pruning.get_method(cfg.method)
+        common = dict(seed=cfg.seed, scope=cfg.scope, include_bias=cfg.include_bias)
+        if method.schedule == "lobster":
+            schedule = schedules.Lobster(self.model, self.val, options=dict(cfg.method_options))
+        elif method.schedule == "periodic":
+            options = method.parse_options(cfg.method_options)
+            schedule = schedules.Periodic(self.model, method.name, sparsity=cfg.sparsity, data=self.train,
+                                          **common, **options)
+        else:
+            every = cfg.prune_every or trainer.steps_per_epoch
+            end = cfg.prune_end or max(every, (3 * trainer.total_steps) // 4)
+            schedule = schedules.Gradual(self.model, method.name, sparsity=cfg.sparsity, data=self.train,
+                                         end=end, every=every, **common, **dict(cfg.method_options))
         if state.get("during") is not None:
             schedule.load(state["during"], optimizer_state[0] if optimizer_state else {})
         schedule.attach(trainer.optimizer)
+        trainer.step_hooks.append(lambda _step: schedule.step())
         return schedule
+
+    def _errors_now(self, event: dict) -> dict:
+        """Validation and test error right after a pruning event (reported, never used to decide)."""
+        cfg = self.config
+        val = evaluate(self.model, self.val, device=cfg.device)["error"] if len(self.val) else None
+        return {"val_error": val, "test_error": evaluate(self.model, self.test, device=cfg.device)["error"]}
 
     def _snapshot_at(self, step: int):
         def hook(current: int) -> None:
@@ -399,36 +398,39 @@ class Run:
                 checkpoint.save_model(self.out / "rewind.safetensors", self.model)
         return hook
 
+    def _rounds(self) -> schedules.Iterative:
+        """The rounds of pruning between trainings (one round at initialisation)."""
+        cfg = self.config
+        return schedules.Iterative(self.model, cfg.method, rounds=cfg.rounds, data=self.train, seed=cfg.seed,
+                                   scope=cfg.scope, include_bias=cfg.include_bias, **cfg.targets(),
+                                   **cfg.method_options)
+
     def _prune(self, stage: Stage, state: dict) -> None:
         cfg = self.config
-        report = pruning.prune(self.model, cfg.method, stage.sparsity, self.train, scope=cfg.scope,
-                               seed=cfg.seed, include_bias=cfg.include_bias, **cfg.method_options)
-        state["seconds"]["prune"] += report.seconds
-        event = {"stage": stage.name, **report.as_dict()}
-        state["prune_events"].append(event)
-        self.log(f"{stage.name:>12} {cfg.method}: kept {report.kept:,} of {report.total:,} prunable weights "
-                 f"(sparsity {report.sparsity:.4f}) in {report.seconds:.2f}s"
-                 + (f"; LAYER COLLAPSE in {', '.join(report.collapsed)}" if report.collapsed else ""))
+        event = self._rounds().prune_round(stage.round)
+        state["seconds"]["prune"] += event["seconds"]
+        state["prune_events"].append({"stage": stage.name, **{k: v for k, v in event.items() if k != "round"}})
+        self.log(f"{stage.name:>12} {cfg.method}: kept {event['kept']:,} of {event['total']:,} prunable weights "
+                 f"(sparsity {event['sparsity']:.4f}) in {event['seconds']:.2f}s"
+                 + (f"; LAYER COLLAPSE in {', '.join(event['collapsed'])}" if event["collapsed"] else ""))
 
     def _rewind(self, stage: Stage, state: dict) -> None:
         """Replace the weights, keeping the masks: rewound to ``rewind.safetensors``, or (``reinit``) a
         fresh draw with another seed, of the same initialisation or of ``reinit_init``, its biases at 0
         whatever ``init_bias`` the scored network had (as the SNIP code's `initializer_b_ap = zeros`)."""
         cfg = self.config
-        current = masking.masks(self.model)
         if stage.name == "reinit":
             seed = derive_seed(cfg.seed, "reinit") % 2**31
             init = cfg.reinit_init or cfg.init
             options = {k: v for k, v in cfg.model_options.items() if k != "init_bias"}
             fresh = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
-                                init=init, seed=seed, **options)
+                                init=init, seed=seed, **options).to(cfg.device)
             tensors, what = fresh.state_dict(), f"re-initialised ({init}, seed {seed})"
         else:
             tensors, _ = checkpoint.load_tensors(self.out / "rewind.safetensors")
             what = f"rewound ({cfg.rewind})"
-        checkpoint.restore_model(self.model, {k: v for k, v in tensors.items()
-                                              if not k.startswith(checkpoint.MASK_PREFIX)})
-        masking.attach(self.model, current)
+        weights = {k: v.to(cfg.device) for k, v in tensors.items() if not k.startswith(checkpoint.MASK_PREFIX)}
+        schedules.rewind(self.model, weights)
         self.log(f"{stage.name:>12} weights {what}, masks kept")
 
     def _compact(self, model, example) -> dict:
@@ -461,7 +463,7 @@ class Run:
             "schema": RESULT_SCHEMA,
             "prunelab_version": __version__,
             "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
-            "target": {"sparsity": cfg.sparsity}, "scope": cfg.scope, "when": cfg.when, "seed": cfg.seed,
+            "target": cfg.targets(), "scope": cfg.scope, "when": cfg.when, "seed": cfg.seed,
             **metrics.sparsity_summary(model),
             "flops": flops,
             "error": {"test": test["error"], "test_top5": test["top5_error"], "val": val["error"],
