@@ -1,4 +1,4 @@
-"""iSparse (methods.md section 5, reconstructed score) and its competitors Retrain-free, NISP, DropConnect:
+"""iSparse (docs/methods/isparse.md, reconstructed score) and its competitors Retrain-free, NISP, DropConnect:
 hand-computed scores, the conv + flatten path against a literal loop, exact per-layer counts, seeds,
 bad input, train-with and sparsify-with lab runs."""
 

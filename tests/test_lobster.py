@@ -120,6 +120,10 @@ def lobster_config(tmp_path, data_root, name, **overrides):
 def test_lab_run_logs_the_trajectory_and_resumes(tmp_path, data_root, monkeypatch):
     whole = lab_run.run(lobster_config(tmp_path, data_root, "whole"), echo=None)
     events = whole["prune_events"]
+    # the thresholds this config gave before LOBSTER's schedule moved from the lab into prunelab.schedules
+    # (commit 1801425): the same objects now, the same numbers
+    assert [e["threshold"] for e in events] == pytest.approx([0.02162145131493709, 0.02770048267848324],
+                                                             rel=1e-9)
     assert [e["epoch"] for e in events] == [1, 2]  # tolerance -1: every epoch is a plateau
     for event in events:
         assert event["val_loss_after"] <= event["loss_bound"] * (1 + 1e-6)

@@ -11,7 +11,7 @@ from prunelab.models import (INIT_SCHEMES, ModelInfo, PadShortcut, build_model, 
                              model_info)
 
 # (name, options) -> exact parameter count for 10 classes, computed from the definitions
-# (methods.md §7; the paper figures in comments).
+# (the papers' figures in comments).
 COUNTS = [
     ("lenet300-100", {}, 266_610),
     ("lenet5-caffe", {}, 431_080),

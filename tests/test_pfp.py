@@ -1,4 +1,4 @@
-"""PFP (methods.md section 2): sensitivity, sample size, allocation, selection modes, the method."""
+"""PFP (docs/methods/pfp.md): sensitivity, sample size, allocation, selection modes, the method."""
 
 import math
 import time

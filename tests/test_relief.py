@@ -65,7 +65,7 @@ def test_already_pruned_entries_stay_pruned():
 # --- conv scores --------------------------------------------------------------------------------------
 
 def literal_conv_contrib(conv, x, reduce):
-    """The definitions of methods.md 3.1, one kernel slice at a time."""
+    """The definitions of docs/methods/relief.md, one kernel slice at a time."""
     n_out, n_in = conv.weight.shape[:2]
     c = torch.zeros(n_out, n_in, dtype=torch.float64)
     mean_x = x.double().abs().mean(0, keepdim=True)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import structure
+from ..data.feed import example_input
 from ..errors import PrunelabError
 from ..masking import param_name
 from ..methods import Method, register
@@ -41,8 +42,7 @@ from ..options import Options, option
 from ..selection import check_sparsity
 from .baselines import random_scores
 from .filters import lowest_channels
-from .isparse import (OUTPUTS, Significance, check_choice, edge_scores, layer_statistics, scoring_inputs,
-                      trace_input)
+from .isparse import OUTPUTS, Significance, check_choice, edge_scores, layer_statistics, scoring_inputs
 from .snip import check_positive_int
 
 
@@ -108,7 +108,7 @@ def nisp_pruner(model, params, *, sparsity, scope, alive, data, generator, mask_
     if scope != "layer":
         raise PrunelabError(f"nisp removes the same fraction of neurons in every layer: scope must be 'layer', "
                             f"got {scope!r}")
-    return nisp_masks(model, sparsity, example=trace_input(model, data, input_shape, "nisp"), data=data,
+    return nisp_masks(model, sparsity, example=example_input(model, data, input_shape, "nisp"), data=data,
                       generator=generator, alive=alive, mask_bias=mask_bias, params=params, output=output,
                       examples=examples, batch_size=batch_size)
 
@@ -117,14 +117,14 @@ def nisp_check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], d
                          options: Mapping[str, Any]) -> None:
     """NISP's propagation on the weights alone (output "ones"; ``data`` only gives the traced example):
     refuses a residual net before training."""
-    graph = structure.channel_graph(model, trace_input(model, data, None, "nisp"))
+    graph = structure.channel_graph(model, example_input(model, data, None, "nisp"))
     neuron_importance(model, graph, data=None, generator=None)
 
 
 def nisp_scores(model, params, *, data, generator, input_shape=None, output=NispOptions.output,
                 examples=NispOptions.examples, batch_size=NispOptions.batch_size, **_):
     """Each weight of a safe layer scored by the importance of the neuron/filter it belongs to (inspection)."""
-    graph = structure.channel_graph(model, trace_input(model, data, input_shape, "nisp"))
+    graph = structure.channel_graph(model, example_input(model, data, input_shape, "nisp"))
     importance = neuron_importance(model, graph, data=data, generator=generator, output=output,
                                    examples=examples, batch_size=batch_size)
     scores = {}

@@ -42,29 +42,12 @@ import torch
 from torch import nn
 
 from .. import structure
-from ..data import feed
-from ..data.feed import as_feed
+from ..data.feed import example_input
 from ..errors import PrunelabError
 from ..masking import param_name
 from ..methods import Method, register
 from ..options import Options, option
 from ..selection import check_sparsity
-
-
-def example_input(model: nn.Module, data=None, input_shape=None, method: str = "method") -> torch.Tensor:
-    """One example to trace ``model`` with: from ``data``, else ``input_shape``, else ``model.input_shape``."""
-    if data is not None:
-        return feed.to_model(model, as_feed(data).example())
-    shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
-    if shape is None:
-        raise PrunelabError(f"{method} needs an example input to find coupled channels: pass data=... "
-                            "or the input_shape option, e.g. input_shape=(1, 28, 28)")
-    try:
-        shape = tuple(int(d) for d in shape)
-    except (TypeError, ValueError):
-        raise PrunelabError(f"{method}: input_shape must be a sequence of integers, got {shape!r}") from None
-    reference = next(model.parameters())
-    return torch.zeros(1, *shape, device=reference.device, dtype=reference.dtype)
 
 
 def filter_norms(model: nn.Module, graph: structure.ChannelGraph, p: int = 1,

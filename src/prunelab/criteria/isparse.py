@@ -59,11 +59,10 @@ from torch import nn
 
 from .. import structure
 from ..data import feed
-from ..data.feed import as_feed
+from ..data.feed import as_feed, example_input
 from ..errors import PrunelabError
 from ..methods import Method, register
 from ..options import Options, option
-from .filters import example_input
 from .snip import check_positive_int, scoring_mode
 
 MODES = ("sparsify-with", "train-with")
@@ -107,13 +106,6 @@ def when_from(options: Mapping[str, Any]) -> str:
 
 
 # --- the pieces -------------------------------------------------------------------------------------------
-
-def trace_input(model: nn.Module, data, input_shape, method: str) -> torch.Tensor:
-    """``filters.example_input`` in the model's dtype (its zeros from ``input_shape`` are float32)."""
-    example = example_input(model, data, input_shape, method)
-    dtype = next(model.parameters()).dtype
-    return example.to(dtype) if example.is_floating_point() else example
-
 
 def scored_layers(model: nn.Module, params: Mapping[str, torch.Tensor], method: str) -> dict[str, nn.Module]:
     """``{module name: module}`` owning the scored parameters; only Linear and Conv2d (groups=1) qualify."""
@@ -285,7 +277,7 @@ def edge_scores(model: nn.Module, params: Mapping[str, torch.Tensor], *, data, g
     batch_size = check_positive_int(method, "batch_size", batch_size)
     layers = scored_layers(model, params, method)
     propagated = neuron_importance == "propagated"
-    graph = structure.channel_graph(model, trace_input(model, data, input_shape, method)) if propagated else None
+    graph = structure.channel_graph(model, example_input(model, data, input_shape, method)) if propagated else None
     outputs = {}
     if propagated and output != "ones":
         outputs = {g.layers[0].module: model.get_submodule(g.layers[0].module)
@@ -316,7 +308,7 @@ def check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], data, 
     residual addition or another unsupported layer on the path is refused before the lab trains anything."""
     if options.get("neuron_importance", IsparseOptions.neuron_importance) != "propagated":
         return
-    graph = structure.channel_graph(model, trace_input(model, data, None, method))
+    graph = structure.channel_graph(model, example_input(model, data, None, method))
     significance = Significance(model, graph, method)
     for name, module in scored_layers(model, params, method).items():
         significance.of_rows(name, module.weight.shape[0])

@@ -86,7 +86,7 @@ from torch import nn
 
 from .. import structure
 from ..data import feed
-from ..data.feed import as_feed
+from ..data.feed import as_feed, example_input
 from ..errors import PrunelabError
 from ..masking import param_name
 from ..hooks import run_with_hooks
@@ -610,9 +610,7 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
     alive = dict(alive or {})
     timings = {}
     started = time.perf_counter()
-    from .filters import example_input
-
-    example = example_input(model, data, method="pfp")
+    example = example_input(model, data, what="pfp")
     if batch_size is None:
         batch_size = 64 if example.shape[1] == 1 else 128
     graph = structure.channel_graph(model, example)
@@ -704,11 +702,9 @@ def pfp_pruner(model, params, *, sparsity, scope, alive, data, generator, **opti
 def pfp_scores(model, params, *, data, generator, points=None, batch_size=None, delta=PfpOptions.delta,
                c=PfpOptions.c, **_):
     """Each weight scored by the sensitivity of the input unit it reads (inspection: ``prunelab.scores``)."""
-    from .filters import example_input
-
     if data is None:
         raise PrunelabError("method 'pfp' needs data to score (pass data=...)")
-    example = example_input(model, data, method="pfp")
+    example = example_input(model, data, what="pfp")
     batch_size = batch_size or (64 if example.shape[1] == 1 else 128)
     graph = structure.channel_graph(model, example)
     layers = _layers(model, params, graph, example)

@@ -86,20 +86,13 @@ class SnipOptions(Options):
                           choices=BN_MODES)
 
 
-def example_shape(data) -> tuple[int, ...] | None:
-    """The shape of one input example of ``data`` (any form ``prunelab.data.feed`` takes), or None."""
-    if data is None:
-        return None
-    try:
-        return as_feed(data).input_shape()
-    except PrunelabError:
-        return None
-
-
 def default_batch_size(data: Feed) -> int:
     """The paper's scoring batch (= its training batch): 100 for 1-channel (MNIST) inputs, else 128."""
-    shape = example_shape(data)
-    return 100 if shape is not None and len(shape) >= 1 and shape[0] == 1 else 128
+    try:
+        shape = as_feed(data).input_shape()
+    except PrunelabError:  # a dict of inputs (token ids and masks): no channels to read
+        return 128
+    return 100 if len(shape) >= 1 and shape[0] == 1 else 128
 
 
 def require_data(data, method: str) -> Feed:

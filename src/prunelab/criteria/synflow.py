@@ -42,33 +42,23 @@ import torch
 from torch import nn
 
 from .. import masking, selection
+from ..data.feed import as_feed, parse_shape
 from ..errors import PrunelabError
 from ..methods import Method, register
 from ..options import Options, option
-from .snip import check_positive_int, example_shape, scoring_mode
+from .snip import check_positive_int, scoring_mode
 
 
 def resolve_input_shape(model: nn.Module, data, input_shape) -> tuple[int, ...]:
     """One example's input shape: the option, else ``data``'s, else ``model.input_shape``."""
-    if input_shape is None:
-        input_shape = example_shape(data)
+    if input_shape is None and data is not None:
+        return as_feed(data).input_shape()
     if input_shape is None:
         input_shape = getattr(model, "input_shape", None)
     if input_shape is None:
         raise PrunelabError("synflow needs the shape of one input example: pass input_shape=(C, H, W) "
                             "(--method-option input_shape=1,28,28) or data to take it from")
-    if isinstance(input_shape, str):
-        parts = input_shape.replace("x", ",").split(",")
-        try:
-            input_shape = [int(p) for p in parts if p.strip()]
-        except ValueError:
-            raise PrunelabError(f"synflow input_shape must be integers like 1,28,28; got {input_shape!r}") from None
-    if isinstance(input_shape, int) and not isinstance(input_shape, bool):
-        input_shape = (input_shape,)
-    shape = tuple(input_shape)
-    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-        raise PrunelabError(f"synflow input_shape must be positive integers, got {input_shape!r}")
-    return shape
+    return parse_shape(input_shape, "synflow")
 
 
 def _linearised_copy(model: nn.Module, alive: Mapping[str, torch.Tensor]) -> nn.Module:

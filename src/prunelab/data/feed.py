@@ -118,6 +118,36 @@ def default_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
 
+def parse_shape(shape, what: str) -> tuple[int, ...]:
+    """One example's input shape from a sequence of ints, an int, or text such as ``1,28,28`` / ``1x28x28``."""
+    if isinstance(shape, str):
+        try:
+            shape = [int(p) for p in shape.replace("x", ",").split(",") if p.strip()]
+        except ValueError:
+            raise PrunelabError(f"{what}: input_shape must be integers like 1,28,28; got {shape!r}") from None
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise PrunelabError(f"{what}: input_shape must be a sequence of integers, got {shape!r}") from None
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise PrunelabError(f"{what}: input_shape must be positive integers, got {shape!r}")
+    return shape
+
+
+def example_input(model: nn.Module, data=None, input_shape=None, what: str = "method") -> Inputs:
+    """One example batch to trace ``model`` with, on its device and in its dtype: the first example of
+    ``data``, else zeros of ``input_shape``, else zeros of a ``model.input_shape`` attribute."""
+    if data is not None:
+        return to_model(model, as_feed(data).example())
+    shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
+    if shape is None:
+        raise PrunelabError(f"{what} needs an example input to trace the model: pass data=... or the "
+                            "input_shape option, e.g. input_shape=(1, 28, 28)")
+    return to_model(model, torch.zeros(1, *parse_shape(shape, what)))
+
+
 # --- the feed ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -202,7 +232,10 @@ class Feed:
         if self._tensors is not None and self._tensors[1] is not None:
             return self._tensors[1]
         if self._map is not None:
-            return torch.cat([self._split(self._collate([self._map[i]]))[1] for i in range(len(self._map))])
+            targets = [self._split(self._collate([self._map[i]]))[1] for i in range(len(self._map))]
+            if any(t is None for t in targets):
+                raise PrunelabError("this needs labelled data: the examples hold no targets")
+            return torch.cat(targets)
         raise PrunelabError(f"the targets of every example are needed: give a Dataset or an (inputs, targets) "
                             f"pair, not {type(self.data).__name__}")
 
