@@ -6,6 +6,7 @@ target, so a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -40,19 +41,45 @@ def output_file(path: str | os.PathLike, suffix: str | None = None) -> Path:
     return path
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder (flushed, then renamed over
+    it). The file gets the mode an ordinary new file would (the umask's), not mkstemp's 0600."""
     path = output_file(path)
     payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def leftover_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Temporary files that an interrupted :func:`atomic_write` left in ``folder`` (``.NAME.XXXX.tmp``)."""
+    return [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex): recorded when a file is committed, checked before it is trusted."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:

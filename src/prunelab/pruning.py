@@ -20,8 +20,8 @@ from .data.feed import as_feed
 from .errors import PrunelabError
 from .methods import METHODS, Method, check_layers, get_method, list_methods, register
 
-__all__ = ["LayerCollapseWarning", "Method", "PruneReport", "check_target", "get_method", "list_methods",
-           "prune", "register", "scores"]
+__all__ = ["LayerCollapseWarning", "Method", "PruneReport", "check_keeps_some", "check_target", "get_method",
+           "list_methods", "prune", "register", "scores"]
 
 
 class LayerCollapseWarning(UserWarning):
@@ -142,6 +142,7 @@ def prune(model: nn.Module, method: str, sparsity: float | None = None, data=Non
     scope = scope or spec.scope
     alive = masking.masks(model)
     if kind == "sparsity":
+        check_keeps_some(params, amount)
         _refuse_lower(params, alive, amount)
     generator = torch.Generator().manual_seed(seed)
     if spec.pruner is not None:
@@ -157,6 +158,15 @@ def prune(model: nn.Module, method: str, sparsity: float | None = None, data=Non
         warnings.warn(f"layer collapse: {method} pruned every weight of {', '.join(report.collapsed)}",
                       LayerCollapseWarning, stacklevel=2)
     return report
+
+
+def check_keeps_some(params, sparsity: float) -> None:
+    """Refuse a sparsity that would keep none of the prunable weights (the network could not compute)."""
+    total = sum(p.numel() for p in params.values())
+    if selection.keep_count(total, sparsity) == 0:
+        largest = 1.0 - 0.5 / total  # keep_count rounds: below this, at least one weight survives
+        raise PrunelabError(f"sparsity {sparsity} keeps none of the {total:,} prunable weights; give a sparsity "
+                            f"below {largest:.10g}")
 
 
 def _refuse_lower(params, alive, sparsity: float) -> None:

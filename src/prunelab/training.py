@@ -66,6 +66,9 @@ class TrainConfig:
             raise PrunelabError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr_schedule == "step" and self.step_size < 1:
             raise PrunelabError("lr_schedule 'step' needs step_size >= 1")
+        for key in ("lr", "momentum", "weight_decay", "gamma"):
+            if not math.isfinite(getattr(self, key)):
+                raise PrunelabError(f"{key} must be a finite number, got {getattr(self, key)}")
         if not self.lr > 0:
             raise PrunelabError(f"lr must be > 0, got {self.lr}")
         for key in ("momentum", "weight_decay", "gamma", "warmup"):
@@ -158,6 +161,9 @@ def evaluate(model: nn.Module, data, batch_size: int = 1000, device: str | torch
             if targets is None:
                 raise PrunelabError("evaluate needs labelled data: the batches hold no targets")
             logits = data.logits(model, inputs)
+            if not torch.isfinite(logits).all():
+                raise PrunelabError("evaluate: the model's outputs are not finite (NaN or inf) on this data; check "
+                                    "the inputs and the weights")
             targets = targets.to(logits.device)
             w1, w5, counted = count_errors(logits, targets)
             if data.loss_fn is feed.default_loss:  # summed exactly, as a mean of batch means would not be

@@ -133,11 +133,12 @@ def find_threshold(model: nn.Module, params: dict[str, nn.Parameter], loss_at: C
                    twt: float, reference_midpoint: bool = False, max_steps: int = 60) -> ThresholdSearch:
     """The largest global magnitude threshold T keeping ``loss_at()`` <= (1 + twt) x its value at T = 0.
 
-    Bisection as in the authors' ``_find_threshold_with_bisection`` (docs/methods/lobster.md): the bracket starts
-    at the mean over layers of the mean |w| of the non-zero weights; the search stops when the bracket's
-    losses differ by less than 5% of the bound or the midpoint stops moving. Returns the lower end of the
-    bracket, which was evaluated and is feasible (or, with ``reference_midpoint``, the untested midpoint).
-    Every trial restores the weights.
+    Bisection as in the authors' ``_find_threshold_with_bisection`` (docs/methods/lobster.md): the bracket
+    starts at the mean over layers of the mean |w| of the non-zero weights; its ends are the smallest and
+    largest non-zero weight magnitudes (biases excluded), and an upper end's loss counts as infinite until a
+    trial replaces it. The search stops when the bracket's losses differ by less than 5% of the bound or the
+    midpoint stops moving. Returns the lower end of the bracket, which was evaluated and is feasible (or,
+    with ``reference_midpoint``, the untested midpoint). Every trial restores the weights.
     """
     if not twt >= 0:
         raise PrunelabError(f"twt must be >= 0, got {twt}")
@@ -155,23 +156,24 @@ def find_threshold(model: nn.Module, params: dict[str, nn.Parameter], loss_at: C
             for name, p in params.items():
                 p.copy_(originals[name])
 
-    magnitudes = torch.cat([o.abs().flatten() for o in originals.values()])
-    magnitudes = magnitudes[magnitudes > 0]
+    # the bracket's ends and start come from the weights alone (biases and BatchNorm shifts are thresholded
+    # too, but a large bias must not stretch the bracket), as the authors' threshold_scheduler.py does
+    weights = [o.abs()[o != 0] for n, o in originals.items() if n.endswith("weight") and (o != 0).any()]
     reference = trial(0.0)
     bound = (1.0 + twt) * reference
-    if magnitudes.numel() == 0:
+    if not weights:
         return ThresholdSearch(0.0, reference, reference, bound, evaluations)
-    layer_means = [o.abs()[o != 0].mean().item() for n, o in originals.items()
-                   if n.endswith("weight") and (o != 0).any()]
-    mean = sum(layer_means) / len(layer_means) if layer_means else magnitudes.mean().item()
+    mean = sum(w.mean().item() for w in weights) / len(weights)
+    low, high = min(w.min().item() for w in weights), max(w.max().item() for w in weights)
     at_mean = trial(mean)
-    low, high = magnitudes.min().item(), magnitudes.max().item()
-    if at_mean <= bound:
-        a, loss_a, b, loss_b = mean, at_mean, high, trial(high)
-        if loss_b <= bound:  # even removing everything covered stays within the tolerance
-            return ThresholdSearch(high, reference, loss_b, bound, evaluations)
+    if at_mean < bound:
+        a, loss_a, b, loss_b = mean, at_mean, high, math.inf  # the upper end is not evaluated: bisect on
     else:
-        a, loss_a, b, loss_b = low, reference, mean, at_mean  # nothing is below the smallest |w|
+        # below the smallest weight only biases and normalisation parameters can fall: check that end too,
+        # so that the threshold returned is always one whose loss was measured (0 removes nothing)
+        at_low = trial(low)
+        a, loss_a = (low, at_low) if at_low <= bound else (0.0, reference)
+        b, loss_b = mean, at_mean
     for _ in range(max_steps):
         if abs(loss_a - loss_b) < 0.05 * bound:
             break

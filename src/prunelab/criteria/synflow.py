@@ -102,6 +102,9 @@ def _prepare(model, params, alive, data, input_shape):
 @dataclass(frozen=True)
 class SynflowOptions(Options):
     rounds: int = option(100, "pruning rounds, each keeping (1 - sparsity)^(k/rounds)", low=1)
+    intermediate_count: str = option("round", "weights an intermediate round keeps: round(d N) (ours, the "
+                                              "selection rule of every prunelab method) or ceil(d N) (the "
+                                              "authors' Synaptic-Flow code)", choices=("round", "ceil"))
     input_shape: Any = option(None, "one example's input shape, e.g. 1,28,28; None: from the data or "
                                     "model.input_shape")
 
@@ -114,7 +117,7 @@ def synflow_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data
 
 
 def _round_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
-                 current: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                 current: Mapping[str, torch.Tensor], count: str = "round") -> dict[str, torch.Tensor]:
     """Global top-k within ``current`` by an O(m) threshold (kthvalue) instead of a full sort.
 
     The same masks as `selection.global_topk` (the highest scores; among scores equal to the threshold,
@@ -124,7 +127,10 @@ def _round_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
     flat = torch.cat([scores[n].to(torch.float64).flatten() for n in names])
     alive = torch.cat([current[n].flatten() for n in names])
     flat = flat.masked_fill(~alive, float("-inf"))
-    keep = min(selection.keep_count(flat.numel(), sparsity), int(alive.sum()))
+    total = flat.numel()
+    # ceil: the authors' code prunes int((1 - d) N) = int(s N) and keeps the rest, about ceil(d N)
+    wanted = total - int(sparsity * total) if count == "ceil" else selection.keep_count(total, sparsity)
+    keep = min(wanted, int(alive.sum()))
     if keep == 0:
         chosen = torch.zeros_like(alive)
     else:
@@ -142,7 +148,7 @@ def _round_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
 
 def synflow_pruner(model: nn.Module, params: Mapping[str, nn.Parameter], *, sparsity: float, scope: str,
                    alive: Mapping[str, torch.Tensor], data=None, rounds: int = SynflowOptions.rounds,
-                   input_shape=None,
+                   input_shape=None, intermediate_count: str = SynflowOptions.intermediate_count,
                    **_) -> dict[str, torch.Tensor]:
     """SynFlow masks: ``rounds`` rounds, keeping (1 - sparsity)^(k/rounds) at round k (Tanaka et al. 2020)."""
     rounds = check_positive_int("synflow", "rounds", rounds)
@@ -157,7 +163,7 @@ def synflow_pruner(model: nn.Module, params: Mapping[str, nn.Parameter], *, spar
                 p.copy_(base[name] * current[name].to(p.device, p.dtype))
         saliency = _saliency(clone, clone_params, ones)
         if k < rounds and scope == "global":
-            current = _round_masks(saliency, target, current)
+            current = _round_masks(saliency, target, current, intermediate_count)
         else:  # the last round (and layer-wise scope) through the library's exact selection
             current = selection.select(saliency, target, scope, current)
     return current

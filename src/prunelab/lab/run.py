@@ -13,6 +13,7 @@ while a process runs it, ``LOCK`` (a second process on the same folder is refuse
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -31,6 +32,7 @@ from ..models import build_model, model_info
 from ..models.init import resolve_scheme
 from ..training import Trainer, derive_seed, evaluate
 from . import lock
+from . import state as run_state
 from .config import REWIND, SCOPES, UNHASHED, WHEN, RunConfig, to_toml
 
 RESULT_SCHEMA = "prunelab.result/1"
@@ -108,6 +110,15 @@ def resolve(config: RunConfig) -> RunConfig:
             raise PrunelabError("reinit_init names the initialisation of reinit's fresh draw: set reinit = true")
         resolve_scheme(config.reinit_init)
     _check_device(config.device)
+    if isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
+        raise PrunelabError(f"seed must be an integer in [0, 2**63), got {config.seed}")
+    for name, value in asdict(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PrunelabError(f"{name} must be a finite number, got {value}")
+    budget = config.iterations if config.iterations is not None else config.epochs
+    if budget == 0 and when != "init":
+        raise PrunelabError("a training budget of 0 trains nothing; give epochs or iterations >= 1 (a budget of "
+                            "0 is meaningful only with when = 'init': prune at initialisation and evaluate)")
     if config.threads is not None and config.threads < 1:
         raise PrunelabError(f"threads must be >= 1, got {config.threads}")
     if not 0.0 <= config.val_fraction < 1.0:
@@ -176,15 +187,11 @@ class Run:
             self.echo(message)
 
     # -- state ---------------------------------------------------------------------------------------
-    def _fresh_state(self) -> dict:
-        return {"config_digest": self.config.digest(), "stage": 0, "epoch": 0, "checkpoint": None,
-                "history": [], "prune_events": [], "seconds": {"prune": 0.0, "train": 0.0}}
-
     def _load_state(self) -> dict | None:
         path = self.out / "state.json"
         if not path.exists():
             return None
-        state = checkpoint.read_json(path, dict)
+        state = run_state.check(checkpoint.read_json(path, dict), self.out, len(self.stages))
         if state.get("config_digest") not in (self.config.digest(), self.config.digest(legacy=True)):
             raise PrunelabError(f"run folder {self.out} holds a run with a different config"
                                 f"{self._differences()}; choose another --out or delete that folder")
@@ -225,6 +232,9 @@ class Run:
         checkpoint.save_tensors(self.out / name, tensors, {"optimizer": rest})
         previous = state.get("checkpoint")
         state["checkpoint"] = name
+        if previous and previous != name:
+            state["digests"].pop(previous, None)
+        run_state.record(state, self.out, name)
         checkpoint.write_json(self.out / "state.json", state)  # the commit point of the checkpoint
         if previous and previous != name:
             (self.out / previous).unlink(missing_ok=True)
@@ -243,6 +253,8 @@ class Run:
         method = pruning.get_method(cfg.method)
         params = masking.prunable_parameters(self.model, include_bias=cfg.include_bias)
         check_layers(method, self.model, params)
+        if cfg.sparsity:
+            pruning.check_keeps_some(params, cfg.sparsity)
         self.train, self.val, self.test = load_dataset(cfg.dataset, root=cfg.data_root,
                                                        val_fraction=cfg.val_fraction, seed=cfg.seed,
                                                        normalize_inputs=cfg.normalize_inputs)
@@ -263,19 +275,23 @@ class Run:
         cfg = self.config
         if state is not None and state.get("checkpoint") is None:
             state = None  # stopped before its first checkpoint: start again
+        if state is not None and state["stage"] == len(self.stages) and (self.out / "result.json").exists():
+            return self._finished(state)
         if state is None:
-            state = self._fresh_state()
+            state = run_state.fresh(self.config.digest())
             checkpoint.write_json(self.out / "state.json", state)  # the folder is a run folder from now on
+        self._clean_leftovers(state)
         checkpoint.atomic_write(self.out / "config.toml", to_toml(cfg))  # (re)written: the folder's record
         optimizer_state = None
         if state["checkpoint"] is None:
             checkpoint.save_model(self.out / "rewind.safetensors", self.model)  # theta_0
+            run_state.record(state, self.out, "rewind.safetensors")
             target = {"none": "", "during": " (prunes while training)"}.get(
                 "none" if cfg.method == "none" else cfg.when, f" to sparsity {cfg.sparsity} ({cfg.scope}, {cfg.when})")
             self.log(f"prunelab {__version__}: {cfg.model} on {cfg.dataset}, method {cfg.method}{target}, "
                      f"seed {cfg.seed} -> {self.out}")
         else:
-            tensors, meta = checkpoint.load_tensors(self.out / state["checkpoint"])
+            tensors, meta = checkpoint.load_tensors(run_state.verify(state, self.out, state["checkpoint"]))
             checkpoint.restore_model(self.model, tensors)
             optimizer_state = (tensors, meta.get("optimizer") or None)
             self.log(f"resuming {self.out} at stage {state['stage'] + 1}/{len(self.stages)}, "
@@ -300,7 +316,7 @@ class Run:
         if optimizer_state and optimizer_state[1]:
             checkpoint.restore_optimizer(trainer.optimizer, *optimizer_state)
         if stage.name == "pretrain" and cfg.rewind == "early":
-            trainer.step_hooks.append(self._snapshot_at(cfg.rewind_iteration))
+            trainer.step_hooks.append(self._snapshot_at(cfg.rewind_iteration, state))
         schedule = (self._during_schedule(trainer, state, optimizer_state)
                     if cfg.when == "during" and cfg.method != "none" else None)
         best = None  # keep_best: the weights of this stage's epoch with the lowest validation error
@@ -392,11 +408,32 @@ class Run:
         val = evaluate(self.model, self.val, device=cfg.device)["error"] if len(self.val) else None
         return {"val_error": val, "test_error": evaluate(self.model, self.test, device=cfg.device)["error"]}
 
-    def _snapshot_at(self, step: int):
+    def _snapshot_at(self, step: int, state: dict):
         def hook(current: int) -> None:
             if current == step:
                 checkpoint.save_model(self.out / "rewind.safetensors", self.model)
+                run_state.record(state, self.out, "rewind.safetensors")  # binding at this epoch's checkpoint
         return hook
+
+    def _clean_leftovers(self, state: dict) -> None:
+        """Remove what a killed process left: temporary files of interrupted writes, and checkpoints that
+        state.json no longer names (one was written, the process died before the older one was removed)."""
+        stale = checkpoint.leftover_temporaries(self.out)
+        stale += [p for p in self.out.glob("ckpt-*.safetensors") if p.name != state.get("checkpoint")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            self.log(f"removed {len(stale)} file(s) left by an interrupted process: "
+                     f"{', '.join(sorted(p.name for p in stale))}", echo=False)
+
+    def _finished(self, state: dict) -> dict:
+        """A finished run is not finished again: its verified result is returned as it is."""
+        run_state.verify(state, self.out, "model.safetensors")
+        result = checkpoint.read_json(run_state.verify(state, self.out, "result.json"), dict)
+        self.log(f"{self.out} is finished; its result stands (delete result.json to finish it again)")
+        for line in format_result(result).splitlines():
+            self.log(line)
+        return result
 
     def _rounds(self) -> schedules.Iterative:
         """The rounds of pruning between trainings (one round at initialisation)."""
@@ -427,7 +464,7 @@ class Run:
                                 init=init, seed=seed, **options).to(cfg.device)
             tensors, what = fresh.state_dict(), f"re-initialised ({init}, seed {seed})"
         else:
-            tensors, _ = checkpoint.load_tensors(self.out / "rewind.safetensors")
+            tensors, _ = checkpoint.load_tensors(run_state.verify(state, self.out, "rewind.safetensors"))
             what = f"rewound ({cfg.rewind})"
         weights = {k: v.to(cfg.device) for k, v in tensors.items() if not k.startswith(checkpoint.MASK_PREFIX)}
         schedules.rewind(self.model, weights)
@@ -488,6 +525,9 @@ class Run:
             result["structured"] = self._compact(model, example)
         checkpoint.save_model(self.out / "model.safetensors", model, {"model": cfg.model, "config": asdict(cfg)})
         checkpoint.write_json(self.out / "result.json", result)
+        for name in ("model.safetensors", "result.json"):
+            run_state.record(state, self.out, name)
+        checkpoint.write_json(self.out / "state.json", state)  # the commit point of the result
         for line in format_result(result).splitlines():
             self.log(line)
         return result
@@ -531,4 +571,9 @@ def format_result(result: dict) -> str:
 
 def run(config: RunConfig, progress: bool | None = None, echo: Callable[[str], None] | None = print) -> dict:
     """Execute (or resume) a run and return its result dictionary (also written to result.json)."""
-    return Run(config, progress=progress, echo=echo).execute()
+    runner = Run(config, progress=progress, echo=echo)
+    try:
+        return runner.execute()
+    except OSError as error:  # a full disk, a name too long, a folder not writable: one line, nothing lost
+        where = f" ({error.filename})" if error.filename else ""
+        raise PrunelabError(f"run folder {runner.out}: {error.strerror or error}{where}") from None

@@ -61,6 +61,29 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
         raise PrunelabError(f"plan names module {name!r}, which the model does not have") from None
 
 
+def check_plan(plan: Mapping[str, Any], where: Any) -> None:
+    """Refuse, in one line, a plan whose fields do not have the shapes :func:`apply_plan` replays."""
+    def bad(problem: str) -> PrunelabError:
+        return PrunelabError(f"{where}: corrupt compaction plan ({problem})")
+
+    shape = plan.get("input_shape")
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise bad(f"input_shape must be a list of positive integers, got {shape!r}")
+    history = plan.get("history")
+    if not isinstance(history, list):
+        raise bad(f"history must be a list, got {type(history).__name__}")
+    for step in history:
+        if not (isinstance(step, list) and len(step) == 3 and isinstance(step[0], str) and isinstance(step[1], bool)
+                and isinstance(step[2], list) and all(isinstance(i, int) for i in step[2])):
+            raise bad(f"each history step is [module, is_output, [channel, ...]], got {step!r}")
+    gathered = plan.get("gathered") or {}
+    if not isinstance(gathered, dict) or not all(
+            isinstance(v, list) and all(isinstance(i, int) for i in v) for v in gathered.values()):
+        raise bad("gathered must map module names to lists of input indices")
+    if plan.get("num_classes") is not None and (not isinstance(plan["num_classes"], int) or plan["num_classes"] < 1):
+        raise bad(f"num_classes must be a positive integer, got {plan['num_classes']!r}")
+
+
 def load_compact(path: str | os.PathLike) -> nn.Module:
     """Rebuild a model written by :func:`save_compact`: build_model, replay the plan, load weights/masks."""
     from ..models import build_model
@@ -71,11 +94,16 @@ def load_compact(path: str | os.PathLike) -> nn.Module:
         raise PrunelabError(f"{path} is not a compact model (no {PLAN_FORMAT} plan in its metadata)")
     if not isinstance(plan.get("model"), str) or not isinstance(plan.get("model_options") or {}, dict):
         raise PrunelabError(f"{path}: its plan names no model to rebuild (corrupt metadata)")
+    check_plan(plan, path)
     kwargs = dict(plan.get("model_options") or {})
     if plan.get("num_classes") is not None:
         kwargs["num_classes"] = plan["num_classes"]
     model = build_model(plan["model"], **kwargs)
-    apply_plan(model, plan)
+    try:
+        apply_plan(model, plan)
+    except (RuntimeError, IndexError, ValueError, KeyError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PrunelabError(f"{path}: the plan does not fit model {plan['model']!r}: {first}") from None
     checkpoint.restore_model(model, tensors)
     model.eval()
     return model
