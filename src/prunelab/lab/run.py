@@ -286,8 +286,8 @@ class Run:
         if state["checkpoint"] is None:
             checkpoint.save_model(self.out / "rewind.safetensors", self.model)  # theta_0
             run_state.record(state, self.out, "rewind.safetensors")
-            target = {"none": "", "during": " (prunes while training)"}.get(
-                "none" if cfg.method == "none" else cfg.when, f" to sparsity {cfg.sparsity} ({cfg.scope}, {cfg.when})")
+            amount = ", ".join(f"{k} {v}" for k, v in cfg.targets().items()) or "the amount it decides"
+            target = "" if cfg.method == "none" else f" to {amount} ({cfg.scope}, {cfg.when})"
             self.log(f"prunelab {__version__}: {cfg.model} on {cfg.dataset}, method {cfg.method}{target}, "
                      f"seed {cfg.seed} -> {self.out}")
         else:
