@@ -134,7 +134,7 @@ def prune(model: nn.Module, method: str, sparsity: float | None = None, data=Non
     kind, amount = check_target(spec, sparsity=sparsity, channels=channels, parameters=parameters)
     spec, params, parsed, data = _prepare(model, method, data, include_bias, options, loss_fn, get_logits)
     parsed.update(spec.target_options.get(kind, {}))
-    if not spec.prunes or (spec.criterion is None and spec.pruner is None):
+    if spec.criterion is None and spec.pruner is None:
         raise PrunelabError(f"method {method!r} does not prune in one call"
                             + (" (it prunes while training: use prunelab.schedules.for_method)" if spec.prunes
                                else "") + "; one-call methods: "
@@ -152,8 +152,8 @@ def prune(model: nn.Module, method: str, sparsity: float | None = None, data=Non
         score = spec.criterion(model, params, data=data, generator=generator, **parsed)
         new_masks = selection.select(score, amount, scope, alive)
     masking.attach(model, new_masks, optimizer)
-    report = _report(model, spec.name, scope, None if kind is None else {kind: amount}, params,
-                     {n: m for n, m in new_masks.items() if n in params}, data, time.perf_counter() - start)
+    report = _report(model, spec.name, scope, None if kind is None else {kind: amount}, params, data,
+                     time.perf_counter() - start)
     if report.collapsed:
         warnings.warn(f"layer collapse: {method} pruned every weight of {', '.join(report.collapsed)}",
                       LayerCollapseWarning, stacklevel=2)
@@ -177,10 +177,12 @@ def _refuse_lower(params, alive, sparsity: float) -> None:
                             "of these weights; pruned weights never come back")
 
 
-def _report(model, method, scope, target, params, new_masks, data, seconds) -> PruneReport:
+def _report(model, method, scope, target, params, data, seconds) -> PruneReport:
+    """The model's masks after a pruning step, counted over the prunable ``params`` (and all parameters)."""
+    current = masking.masks(model)
     layers, collapsed, kept_total, total, rows_dead, rows = [], [], 0, 0, 0, 0
     for name, param in params.items():
-        mask = new_masks.get(name)
+        mask = current.get(name)
         kept = param.numel() if mask is None else int(mask.sum())
         layers.append({"name": name, "shape": list(param.shape), "params": param.numel(), "kept": kept})
         if kept == 0 and not name.endswith("bias"):  # an emptied bias still lets signal through
@@ -191,7 +193,7 @@ def _report(model, method, scope, target, params, new_masks, data, seconds) -> P
             rows += param.shape[0]
             rows_dead += 0 if mask is None else int((~mask.reshape(mask.shape[0], -1).any(1)).sum())
     everything = sum(p.numel() for p in model.parameters())
-    masked = sum(int((~m).sum()) for m in masking.masks(model).values())
+    masked = sum(int((~m).sum()) for m in current.values())
     return PruneReport(method, scope, target, 1.0 - kept_total / total, kept_total, total, total / everything,
                        masked / everything, rows_dead / rows if rows else 0.0,
                        data.examples_drawn if data is not None else 0, layers, collapsed, seconds)
