@@ -16,6 +16,19 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _decoded_cache(tmp_path_factory):
+    """Decoded datasets are cached in a folder of this session, never in the user's cache (subprocesses
+    started by tests inherit it)."""
+    previous = os.environ.get("PRUNELAB_CACHE")
+    os.environ["PRUNELAB_CACHE"] = str(tmp_path_factory.mktemp("decoded"))
+    yield
+    if previous is None:
+        os.environ.pop("PRUNELAB_CACHE", None)
+    else:
+        os.environ["PRUNELAB_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     # two threads on the 2-core CI machine; OMP_NUM_THREADS=1 when other jobs share it (oversubscribed

@@ -6,17 +6,20 @@ local HTTP server started here, so no test touches the network.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import http.server
 import io
+import json
 import os
 import pickle
 import shutil
 import tarfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ from prunelab.data import (
     load_dataset,
     split_indices,
 )
-from prunelab.data import cifar, download, idx, registry
+from prunelab.data import cache, cifar, download, idx, registry
 from prunelab.data.transforms import PadCropFlip, normalize, random_crop, random_hflip
 from prunelab.errors import PrunelabError
 
@@ -47,6 +50,15 @@ MNIST_MD5 = {
 
 
 # --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_decoded_cache(tmp_path_factory):
+    # No test may write decoded-data cache entries into the shared data or the real user cache.
+    # Module scope, so that it is in place before module fixtures (cifar10) load anything.
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("PRUNELAB_CACHE", str(tmp_path_factory.mktemp("decoded")))
+        yield
+
 
 @pytest.fixture(autouse=True)
 def _no_mirror_env(monkeypatch):
@@ -128,6 +140,28 @@ def _leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.endswith(".part")] if folder.exists() else []
 
 
+@contextlib.contextmanager
+def _no_decoding(name: str):
+    """Make decoding (and MD5-hashing the sources) fail, so a load that works came from the disk cache."""
+    def read(folder):
+        raise AssertionError(f"{name} was decoded instead of loaded from the cache")
+
+    def check_md5(*args, **kwargs):
+        raise AssertionError("source files were hashed on a cache hit")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(registry._SPECS, name, dataclasses.replace(registry._SPECS[name], read=read))
+        m.setattr(registry, "check_md5", check_md5)
+        yield
+
+
+def _same_splits(a: DatasetSplits, b: DatasetSplits) -> bool:
+    """Identical bytes (not just equal values: -0.0 vs 0.0 would differ) in every split."""
+    return all(x.inputs.dtype == y.inputs.dtype == torch.float32 and x.inputs.shape == y.inputs.shape
+               and torch.equal(x.inputs.view(torch.int32), y.inputs.view(torch.int32))
+               and torch.equal(x.targets, y.targets) for x, y in zip(a, b))
+
+
 # --------------------------------------------------------------------------- real data
 
 def test_mnist_loads_normalised_and_second_call_is_cached(data_root):
@@ -198,6 +232,132 @@ def test_cifar10_batches_augment_train_only(cifar10):
     assert torch.equal(x_aug, x_again)
     x_test, _ = next(test.batches(256))
     assert torch.equal(x_test, test.inputs[:256])
+
+
+# --------------------------------------------------------------------------- decoded-data cache
+
+def _load_as_before(name: str, root: Path, seed: int, val_fraction: float, normalize_inputs: bool) -> DatasetSplits:
+    """load_dataset as it was before the disk cache: decode, resize, split, normalise each split."""
+    spec = registry._SPECS[name]
+    tx, ty, sx, sy = (torch.from_numpy(a.astype(np.int64) if a.ndim == 1 else a)
+                      for a in spec.read(root / spec.folder))
+    if spec.resize:
+        tx, sx = registry._resized(tx, spec.resize), registry._resized(sx, spec.resize)
+    train_idx, val_idx = split_indices(len(tx), val_fraction, seed)
+    mean, std = spec.info.mean, spec.info.std
+    if not normalize_inputs:
+        mean, std = (0.0,) * len(mean), (1.0,) * len(std)
+    return DatasetSplits(*(ArrayDataset(normalize(x, mean, std), y, spec.classes) for x, y in
+                           ((tx[train_idx], ty[train_idx]), (tx[val_idx], ty[val_idx]), (sx, sy))))
+
+
+@pytest.mark.parametrize("name", ["mnist", "mnist32"])
+def test_disk_cache_hit_gives_identical_tensors_and_splits(name, data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
+    configs = [dict(seed=0, val_fraction=0.1, normalize_inputs=True),
+               dict(seed=7, val_fraction=0.25, normalize_inputs=False)]
+    registry._decoded.cache_clear()
+    decoded = [load_dataset(name, root=data_root, download=False, **c) for c in configs]
+    assert len(list((tmp_path / "cache").glob(f"{name}-*.safetensors"))) == 1
+
+    registry._decoded.cache_clear()  # as in a new process: only the disk cache is left
+    with _no_decoding(name):
+        cached = [load_dataset(name, root=data_root, download=False, **c) for c in configs]
+    for a, b in zip(decoded, cached):
+        assert _same_splits(a, b)
+    # ... and both are byte for byte what loading gave before there was a cache.
+    assert _same_splits(cached[0], _load_as_before(name, data_root, **configs[0]))
+
+
+def test_corrupt_cache_entry_is_detected_and_rebuilt(data_root, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("PRUNELAB_CACHE", str(cache_dir))
+    folder = (data_root / "mnist").resolve()
+    registry._decoded.cache_clear()
+    good = load_dataset("mnist", root=data_root, download=False)
+    [entry] = cache_dir.glob("mnist-*.safetensors")
+    pristine = entry.read_bytes()
+    key = json.loads(pristine[8:8 + int.from_bytes(pristine[:8], "little")])["__metadata__"]["key"]
+    assert cache.load("mnist", folder, key) is not None
+
+    def flipped(at: int) -> bytes:
+        return pristine[:at] + bytes([pristine[at] ^ 0x01]) + pristine[at + 1:]
+
+    digest_at = pristine.index(b'"sha256":"') + len(b'"sha256":"')
+    damaged = {"a pixel byte": flipped(len(pristine) // 2), "the stored digest": flipped(digest_at),
+               "the header length": flipped(0), "truncated": pristine[: len(pristine) // 2], "empty": b""}
+    for what, data in damaged.items():
+        entry.write_bytes(data)
+        assert cache.load("mnist", folder, key) is None, what
+        assert not entry.exists(), f"the entry with {what} damaged was not deleted"
+
+    # A sound entry under another key's name (a foreign or renamed file) is not used either.
+    other_key = key.replace('"resize": null', '"resize": 99')
+    assert other_key != key
+    other = cache.entry_path(cache_dir, "mnist", folder, other_key)
+    other.write_bytes(pristine)
+    assert cache.load("mnist", folder, other_key) is None and not other.exists()
+
+    # Through load_dataset (as in a new process): the damaged entry is rebuilt, silently.
+    entry.write_bytes(flipped(len(pristine) // 2))
+    registry._decoded.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = load_dataset("mnist", root=data_root, download=False)
+    assert _same_splits(good, again)
+    assert cache.load("mnist", folder, key) is not None  # the rebuilt entry verifies
+
+
+def test_unwritable_data_root_falls_back_to_user_cache(data_root, tmp_path, monkeypatch):
+    folder = tmp_path / "root" / "mnist"
+    folder.mkdir(parents=True)
+    for f in MNIST_FILES:
+        shutil.copy(data_root / "mnist" / f, folder / f)
+    monkeypatch.delenv("PRUNELAB_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    user_cache = tmp_path / "xdg" / "prunelab" / "decoded"
+
+    # A writable data folder holds its own cache, in files with the umask's ordinary mode.
+    registry._decoded.cache_clear()
+    first = load_dataset("mnist", root=tmp_path / "root", download=False)
+    [entry] = (folder / ".decoded").glob("mnist-*.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert entry.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "home").exists()
+
+    # A read-only data folder (its mode is honoured even by root, whom the OS would let write).
+    shutil.rmtree(folder / ".decoded")
+    folder.chmod(0o555)
+    try:
+        registry._decoded.cache_clear()
+        second = load_dataset("mnist", root=tmp_path / "root", download=False)
+        assert len(list(user_cache.glob("mnist-*.safetensors"))) == 1 and not (folder / ".decoded").exists()
+        registry._decoded.cache_clear()
+        with _no_decoding("mnist"):
+            third = load_dataset("mnist", root=tmp_path / "root", download=False)  # from the user cache
+        assert _same_splits(first, second) and _same_splits(first, third)
+
+        # Nowhere to write: the load still works, it just decodes.
+        (tmp_path / "file").write_text("not a folder")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+        registry._decoded.cache_clear()
+        assert _same_splits(first, load_dataset("mnist", root=tmp_path / "root", download=False))
+    finally:
+        folder.chmod(0o755)
+
+    # A source file changed since the entry was made (same size, mtime put back) is not served from
+    # the cache: it is read again and refused (by its MD5 in a new process; here download.py's
+    # in-process MD5 memo, keyed on size and mtime, lets it through to the gzip check).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    labels = folder / "t10k-labels-idx1-ubyte.gz"
+    before, data = labels.stat(), labels.read_bytes()
+    labels.write_bytes(data[:-1] + bytes([data[-1] ^ 0x01]))
+    os.utime(labels, ns=(before.st_atime_ns, before.st_mtime_ns))
+    registry._decoded.cache_clear()
+    with pytest.raises(PrunelabError, match="t10k-labels-idx1-ubyte.gz"):
+        load_dataset("mnist", root=tmp_path / "root", download=False)
 
 
 # --------------------------------------------------------------------------- splits

@@ -39,16 +39,17 @@ def md5sum(path: str | os.PathLike) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _md5_stamped(path: str, size: int, mtime_ns: int) -> str:
-    # size and mtime are part of the key so a file changed on disk gets hashed again.
+def _md5_stamped(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    # size and times are part of the key so a file changed on disk gets hashed again.
     return md5sum(path)
 
 
 def cached_md5(path: str | os.PathLike) -> str:
-    """md5sum() remembered per (path, size, mtime): hashing ~180 MB of CIFAR on every load is slow."""
+    """md5sum() remembered per (path, size, mtime, ctime): hashing ~180 MB of CIFAR on every load is slow.
+    ctime cannot be set back by hand, so a rewritten file whose mtime was restored is hashed again."""
     path = os.path.abspath(path)
     st = os.stat(path)
-    return _md5_stamped(path, st.st_size, st.st_mtime_ns)
+    return _md5_stamped(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def check_md5(path: Path, expected: str, also_accept: Iterable[str] = ()) -> None:

@@ -4,11 +4,13 @@ Layout under a data root (a mirror given by PRUNELAB_DATA_URL uses the same layo
     mnist/*.gz, fashion-mnist/*.gz                      IDX files, downloaded one by one
     cifar10/cifar-10-batches-py/{data_batch_1..5,test_batch}
     cifar100/cifar-100-python/{train,test}              extracted from the published archive
+    <dataset folder>/.decoded/*.safetensors             decoded-data cache (see cache.py)
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PrunelabError, unknown
-from . import cifar, idx
+from . import cache, cifar, idx
 from .arrays import ArrayDataset, Augment
 from .download import check_md5, extract_members, fetch_first
 from .transforms import PadCropFlip, normalize
+
+_NORMALIZE_CHUNK_BYTES = 1 << 20  # float32 per normalising step: stays in the CPU cache
 
 
 @dataclass(frozen=True)
@@ -67,13 +71,16 @@ _IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 
 
 def _read_idx_dataset(folder: Path) -> Raw:
+    """MNIST-layout IDX files in `folder` as (N, 1, 28, 28) images and labels."""
     tx, ty = idx.read_images_labels(folder / _IDX_FILES[0], folder / _IDX_FILES[1], 10)
     sx, sy = idx.read_images_labels(folder / _IDX_FILES[2], folder / _IDX_FILES[3], 10)
     return tx[:, None], ty, sx[:, None], sy  # add the channel dimension
 
 
 def _cifar_reader(sub: str, train: list[str], test: list[str], label_key: str, num_classes: int):
+    """A reader for CIFAR batch files `train` and `test` in folder/`sub`."""
     def read(folder: Path) -> Raw:
+        """Train and test images (N, 3, 32, 32) and labels."""
         tx, ty = cifar.read_batches([folder / sub / f for f in train], label_key, num_classes)
         sx, sy = cifar.read_batches([folder / sub / f for f in test], label_key, num_classes)
         return tx, ty, sx, sy
@@ -173,12 +180,14 @@ _SPECS["mnist32"] = replace(
 
 
 def _resized(images: torch.Tensor, side: int) -> torch.Tensor:
+    """Bilinear resize of uint8 (N, C, H, W) images to side x side, rounded back to uint8."""
     out = F.interpolate(images.float(), size=(side, side), mode="bilinear", align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 
 def _spec(name) -> _Spec:
+    """The spec of a dataset name (any case), or an error listing the known names."""
     key = name.strip().lower() if isinstance(name, str) else None
     if key not in _SPECS:
         raise unknown("dataset", str(name), _SPECS)
@@ -191,6 +200,7 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def list_datasets() -> list[DatasetInfo]:
+    """Static facts about every supported dataset."""
     return [spec.info for spec in _SPECS.values()]
 
 
@@ -231,6 +241,9 @@ def load_dataset(
     The validation split is drawn from the training set only (seeded); the test set is the
     published one. Missing files are downloaded (from `base_url`, else $PRUNELAB_DATA_URL laid
     out like the data root, else the canonical mirrors) when `download` is true.
+
+    Decoded images are cached on disk ($PRUNELAB_CACHE if set, else `.decoded/` in the dataset's
+    folder, else ~/.cache/prunelab/decoded; see cache.py), so later processes skip decoding.
     """
     spec = _spec(name)
     _check_fraction(val_fraction)
@@ -239,38 +252,55 @@ def load_dataset(
     folder = (Path(root).expanduser() if root is not None else default_root()) / spec.folder
     stamp = _ensure_files(spec, folder, download, base_url)
     tx, ty, sx, sy = _decoded(spec.info.name, str(folder.resolve()), stamp)
-    if spec.resize:
-        tx, sx = _resized(tx, spec.resize), _resized(sx, spec.resize)
 
     train_idx, val_idx = split_indices(len(tx), val_fraction, seed)
     mean, std = spec.info.mean, spec.info.std
     if not normalize_inputs:
         mean, std = (0.0,) * len(mean), (1.0,) * len(std)
     return DatasetSplits(
-        ArrayDataset(normalize(tx[train_idx], mean, std), ty[train_idx], spec.classes, spec.augment),
-        ArrayDataset(normalize(tx[val_idx], mean, std), ty[val_idx], spec.classes, None),
-        ArrayDataset(normalize(sx, mean, std), sy.clone(), spec.classes, None),
+        ArrayDataset(_normalized(tx, train_idx, mean, std), ty[train_idx], spec.classes, spec.augment),
+        ArrayDataset(_normalized(tx, val_idx, mean, std), ty[val_idx], spec.classes, None),
+        ArrayDataset(_normalized(sx, None, mean, std), sy.clone(), spec.classes, None),
     )
 
 
+def _normalized(images: torch.Tensor, rows: torch.Tensor | None, mean, std) -> torch.Tensor:
+    """normalize(images[rows]) (all rows if None), computed a slice at a time into one output.
+
+    The same elementwise arithmetic, so the same bytes; but each slice stays in the CPU cache, so
+    the large float tensor is written once instead of being swept four times.
+    """
+    n = len(images) if rows is None else len(rows)
+    out = torch.empty((n, *images.shape[1:]), dtype=torch.float32)
+    step = max(1, _NORMALIZE_CHUNK_BYTES // (4 * max(1, math.prod(images.shape[1:]))))
+    for start in range(0, n, step):
+        part = images[start:start + step] if rows is None else images.index_select(0, rows[start:start + step])
+        out[start:start + step] = normalize(part, mean, std)
+    return out
+
+
 def _check_fraction(val_fraction) -> None:
+    """Refuse a validation fraction outside [0, 1)."""
     ok = isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool)
     if not ok or not 0 <= val_fraction < 1:
         raise PrunelabError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
 
 
 def _ensure_files(spec: _Spec, folder: Path, download: bool, base_url: str | None) -> tuple:
-    """Check files on disk, fetch missing ones; return a (file, size, mtime) stamp for the cache."""
+    """Fetch missing files; return a (file, size, mtime, ctime) stamp of them all for the caches.
+
+    Files already on disk are MD5-checked only when they are decoded (_check_md5s): a cached
+    decoding of the same stamp was made from files that passed, and hashing ~180 MB of CIFAR
+    would cost more than loading the cache does.
+    """
     missing = []
-    for rel, md5 in spec.files.items():
+    for rel in spec.files:
         path = folder / rel
         if path.is_file():
-            if md5 is not None:
-                check_md5(path, md5, spec.also_accept.get(rel, ()))
-        elif path.exists():
+            continue
+        if path.exists():
             raise PrunelabError(f"{path} exists but is not a regular file")
-        else:
-            missing.append(rel)
+        missing.append(rel)
     if missing:
         bases = _base_urls(spec, base_url)
         if not download:
@@ -288,11 +318,18 @@ def _ensure_files(spec: _Spec, folder: Path, download: bool, base_url: str | Non
             raise PrunelabError(f"{spec.info.name} file {folder / missing[0]} is missing ({len(missing)} of "
                                 f"{len(spec.files)} missing) and {error}; put the files in {folder} or point "
                                 "the data root (root= or $PRUNELAB_DATA) at a folder holding them") from None
-    stats = [(rel, (folder / rel).stat()) for rel in spec.files]
-    return tuple((rel, st.st_size, st.st_mtime_ns) for rel, st in stats)
+    return cache.source_stamp(folder, list(spec.files))
+
+
+def _check_md5s(spec: _Spec, folder: Path) -> None:
+    """Refuse files on disk whose MD5 is not the published one (or an accepted rebuild)."""
+    for rel, md5 in spec.files.items():
+        if md5 is not None:
+            check_md5(folder / rel, md5, spec.also_accept.get(rel, ()))
 
 
 def _base_urls(spec: _Spec, base_url: str | None) -> list[str]:
+    """Where to download from: `base_url`, else $PRUNELAB_DATA_URL, else the canonical mirrors."""
     if base_url:
         return [base_url]
     env = os.environ.get("PRUNELAB_DATA_URL")
@@ -302,10 +339,12 @@ def _base_urls(spec: _Spec, base_url: str | None) -> list[str]:
 
 
 def _join(base: str, name: str) -> str:
+    """URL of `name` under `base`."""
     return base.rstrip("/") + "/" + name
 
 
 def _download(spec: _Spec, folder: Path, missing: list[str], bases: list[str]) -> None:
+    """Fetch the missing files (or the archive holding them, then extract them)."""
     if spec.archive is None:
         for rel in missing:
             fetch_first([_join(b, rel) for b in bases], folder / rel, spec.files[rel])
@@ -321,20 +360,43 @@ def _download(spec: _Spec, folder: Path, missing: list[str], bases: list[str]) -
     extract_members(archive, {rel: folder / rel for rel in missing})
 
 
+_CACHED = ("train_x", "train_y", "test_x", "test_y")
+
+
 @functools.lru_cache(maxsize=4)
 def _decoded(name: str, folder: str, stamp: tuple) -> tuple[torch.Tensor, ...]:
-    """Decode once per process (keyed by the files' size/mtime stamp); callers must not modify."""
+    """uint8 images (resized if the dataset asks) and int64 labels, train and test; callers must not modify.
+
+    Kept once per process (keyed by the files' stamp) and on disk (cache.py) across processes; only
+    when neither has them are the files MD5-checked and decoded.
+    """
     spec = _SPECS[name]
-    tx, ty, sx, sy = spec.read(Path(folder))
-    _check_content(spec, folder, tx, ty, sx, sy)
-    return (torch.from_numpy(np.ascontiguousarray(tx)), torch.from_numpy(ty.astype(np.int64)),
-            torch.from_numpy(np.ascontiguousarray(sx)), torch.from_numpy(sy.astype(np.int64)))
+    path = Path(folder)
+    # The accepted MD5s and torch's resize are in the key so that changing either rebuilds the entry.
+    md5s = [[spec.files[rel], *sorted(spec.also_accept.get(rel, ()))] for rel in spec.files]
+    key = cache.entry_key(path, stamp, dataset=name, resize=spec.resize, md5=md5s, torch=torch.__version__)
+    hit = cache.load(name, path, key)
+    if hit is not None:
+        tensors = tuple(hit[k] for k in _CACHED)
+        # Cheap, and it keeps a change to the expected content (a spec edit) from hiding behind the cache.
+        _check_content(spec, folder, *(t.numpy() for t in tensors), shape=spec.info.input_shape)
+        return tensors
+    _check_md5s(spec, path)
+    tx, ty, sx, sy = spec.read(path)
+    _check_content(spec, folder, tx, ty, sx, sy, shape=spec.raw_shape or spec.info.input_shape)
+    tensors = (torch.from_numpy(np.ascontiguousarray(tx)), torch.from_numpy(ty.astype(np.int64)),
+               torch.from_numpy(np.ascontiguousarray(sx)), torch.from_numpy(sy.astype(np.int64)))
+    if spec.resize:
+        tensors = (_resized(tensors[0], spec.resize), tensors[1], _resized(tensors[2], spec.resize), tensors[3])
+    cache.store(name, path, key, dict(zip(_CACHED, tensors)))
+    return tensors
 
 
-def _check_content(spec: _Spec, folder: str, tx, ty, sx, sy) -> None:
+def _check_content(spec: _Spec, folder: str, tx, ty, sx, sy, shape: tuple[int, ...]) -> None:
+    """Refuse decoded arrays whose sizes, image `shape` or per-class counts are not the published ones."""
     info = spec.info
     for split, x, y, size in (("train", tx, ty, info.train_size), ("test", sx, sy, info.test_size)):
-        expected = (size, *(spec.raw_shape or info.input_shape))
+        expected = (size, *shape)
         if x.shape != expected:
             raise PrunelabError(f"{info.name} {split} data in {folder} has shape {x.shape}, expected {expected}")
         if spec.per_class is not None:
