@@ -1,4 +1,4 @@
-"""Command line: ``prunelab run``, ``prunelab list``.
+"""Command line: ``prunelab run``, ``prunelab list``, ``prunelab study``, ``prunelab report``.
 
 Every ``RunConfig`` key is a flag (``sparsity`` -> ``--sparsity``, booleans also as ``--no-...``,
 the option tables as repeated ``--model-option KEY=VALUE`` / ``--method-option KEY=VALUE``). Bad input
@@ -28,7 +28,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="prunelab", description="Neural-network pruning lab.")
     parser.add_argument("--version", action="version", version=f"prunelab {__version__}")
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{run,list,plot,figure}")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser,
+                                     metavar="{run,list,plot,figure,study,report}")
 
     run = commands.add_parser(
         "run", help="train / prune / evaluate one configuration",
@@ -67,7 +68,71 @@ def _build_parser() -> argparse.ArgumentParser:
     from . import figures
     figures.add_arguments(commands.add_parser("figure", help="paper figures (snip: SNIP's per-pixel "
                                                              "retained connections, PNG)"))
+    _add_study_commands(commands)
     return parser
+
+
+def _add_study_commands(commands) -> None:
+    study = commands.add_parser(
+        "study", help="run a study: methods x targets x seeds (x models, datasets) as lab runs",
+        description="Run every missing run of a study file (docs/studies.md) into the study folder: finished "
+                    "runs are reused, interrupted ones resume, failed ones are recorded in study.json. "
+                    "Writes report.md at the end.")
+    study.add_argument("study", help="study file (TOML)")
+    study.add_argument("--out", help="study folder (default: the study file's path without .toml)")
+    study.add_argument("--engine", default="local", help="local (default) | ray")
+    study.add_argument("--workers", type=int, default=1, help="local engine: processes (1: this process)")
+    study.add_argument("--threads", type=int, default=None,
+                       help="torch threads per run (default: $OMP_NUM_THREADS, else the CPU count / workers; "
+                            "ray: 1)")
+    study.add_argument("--address", default=None, help="ray: the cluster's address (e.g. auto, HOST:6379, "
+                                                       "ray://HOST:10001; default: RAY_ADDRESS, else a local Ray)")
+    study.add_argument("--retry-failed", action="store_true", help="run diverged and failed runs again")
+    study.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    study.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+    study.add_argument("--quiet", action="store_true", help="no progress bar")
+    report = commands.add_parser("report", help="report.md with plots and tables of a study folder",
+                                 description="Write STUDY_DIR/report.md and its PNG plots from study.json and "
+                                             "the runs' result.json files.")
+    report.add_argument("study_dir", help="study folder (holds study.json)")
+    report.add_argument("--references", default=None,
+                        help="the papers' numbers (TOML; default: the study file's references)")
+
+
+def _study(args: argparse.Namespace) -> int:
+    import signal
+    from pathlib import Path
+
+    from .study import runner
+
+    if args.dry_run:
+        from .study.record import StudyRecord
+        spec, planned, folder = runner.plan_study(args.study, args.out)
+        record = StudyRecord(folder, spec, planned)
+        for run in planned:
+            entry = record.runs[run.id]
+            print(f"{entry['status']:<9} {run.describe():<48} {folder / run.folder}")
+        print(", ".join(f"{n} {status}" for status, n in record.counts().items() if n) + f" of {len(planned)} runs")
+        return 0
+    if args.engine == "ray" and args.threads is None:
+        args.threads = 1
+
+    def stop(_signum, _frame):  # SIGTERM (a scheduler, kill): the same orderly stop as Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        data = runner.run_study(args.study, args.out, engine=args.engine, workers=args.workers,
+                                threads=args.threads, address=args.address, retry_failed=args.retry_failed,
+                                progress=not args.quiet)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    folder = Path(args.out) if args.out else runner.default_folder(args.study)
+    print(runner.summary_line(data, folder))
+    if not args.no_report:
+        from .study import write_report
+        print(f"wrote {write_report(folder)}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -146,6 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "figure":
             from . import figures
             return figures.run_cli(args)
+        if args.command == "study":
+            return _study(args)
+        if args.command == "report":
+            from .study import write_report
+            print(f"wrote {write_report(args.study_dir, args.references)}")
+            return 0
         _build_parser().print_help()
         return EXIT_USAGE
     except PrunelabError as error:
