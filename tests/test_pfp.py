@@ -226,3 +226,113 @@ def test_sensitivity_time_lenet5_caffe_128_points():
     x = torch.randn(128, 1, 28, 28, generator=torch.Generator().manual_seed(0)).clamp(min=-0.4242)
     s = pfp.empirical_sensitivity(model, x, batch_size=64)
     assert set(s) == {"conv1", "conv2", "fc3", "fc4"}
+
+
+# --- the vectorised convolution path against the definition and against the pre-vectorisation masks ----
+
+def _layer_inputs(model, x, names):
+    """Each named layer's input on ``x`` (eval mode), as the sensitivity pass sees it."""
+    named, seen = dict(model.named_modules()), {}
+    hooks = [named[n].register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0]))
+             for n in names]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+def test_sensitivity_on_a_resnet_matches_the_literal_definition():
+    # first conv (signed inputs: a+ and a-), stride-2 and last-stage convs of residual blocks, and the
+    # classifier; three points in batches of two, so the running maximum crosses a batch
+    model = prunelab.build_model("resnet20", seed=0)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    names = ["conv1", "layer1.0.conv1", "layer2.0.conv1", "layer2.0.conv2", "layer3.2.conv2", "linear"]
+    got = pfp.empirical_sensitivity(model, x, names, batch_size=2)
+    inputs = _layer_inputs(model, x, names)
+    named = dict(model.named_modules())
+    for name in names:
+        assert torch.allclose(got[name], _reference_sensitivity(named[name], inputs[name]), atol=1e-6), name
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+    dict(kernel_size=1, stride=2),
+    dict(kernel_size=5, padding=2),
+])
+def test_sensitivity_of_strided_dilated_and_odd_kernels(conv):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(5, 7, **conv)
+    x = torch.randn(4, 5, 9, 11).relu_()  # post-ReLU: zeros, so some patches have z = 0
+    got = pfp.empirical_sensitivity(nn.Sequential(layer), x, batch_size=3)["0"]
+    assert torch.allclose(got, _reference_sensitivity(layer, x), atol=1e-6)
+
+
+def _mask_digest(model):
+    """Number of masks, kept entries, and a hash of the mask bytes (sorted by name)."""
+    import hashlib
+    masks = prunelab.masks(model)
+    digest = hashlib.sha256()
+    for name in sorted(masks):
+        digest.update(name.encode())
+        digest.update(masks[name].to(torch.uint8).contiguous().numpy().tobytes())
+    return len(masks), sum(int(m.sum()) for m in masks.values()), digest.hexdigest()[:16]
+
+
+# computed by the implementation before the convolution path (unfolded patches, commit 2d6d2fe)
+_RESNET20_PFP_MASKS = {
+    (("sparsity", 0.5), ("batch_size", 16)): (38, 134819, "1a3f4515fdf0be1b"),
+    (("parameters", 0.6), ("batch_size", 32)): (44, 108287, "88531885ec6ff52b"),
+}
+
+
+@pytest.mark.parametrize("call", list(_RESNET20_PFP_MASKS))
+def test_resnet20_masks_are_those_of_the_unfolded_implementation(call):
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 10, (48,), generator=g)
+    model = prunelab.build_model("resnet20", seed=0)
+    prunelab.prune(model, "pfp", data=data, seed=0, **dict(call))
+    assert _mask_digest(model) == _RESNET20_PFP_MASKS[call]
+
+
+# --- one scoring pass, several targets ----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["deterministic", "sample"])
+def test_plan_at_another_target_reuses_the_sensitivities(mode, monkeypatch):
+    model, data = _lenet300()
+    params = masking.prunable_parameters(model)
+    first = pfp.plan(model, params, data, 0.5, generator=torch.Generator().manual_seed(0), mode=mode)
+    fresh = {s: pfp.plan(model, params, data, s, generator=torch.Generator().manual_seed(0), mode=mode)
+             for s in (0.8, 0.95)}
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("at() must not recompute sensitivities")
+
+    monkeypatch.setattr(pfp, "empirical_sensitivity", no_second_pass)
+    for sparsity, expected in fresh.items():
+        again = first.at(sparsity)
+        assert (again.kept, again.target, again.epsilon) == (expected.kept, expected.target, expected.epsilon)
+        assert all(torch.equal(again.masks[n], expected.masks[n]) for n in expected.masks)
+        assert set(again.scales) == set(expected.scales)
+        assert all(torch.equal(again.scales[n], expected.scales[n]) for n in expected.scales)
+    assert first.at(0.5).kept == first.kept
+
+
+def test_units_without_a_lower_bound_are_maximised_column_by_column(monkeypatch):
+    # without the patches around each channel's largest input, units the first outputs' patches miss
+    # start at 0, where the bound cannot divide: their columns are maximised exactly, one at a time
+    monkeypatch.setattr(pfp, "_patches_around_max",
+                        lambda *a: (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
+    calls = []
+    columns = pfp._conv_columns
+    monkeypatch.setattr(pfp, "_conv_columns", lambda *a: calls.append(a[5].numel()) or columns(*a))
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 4, 3, padding=1)
+    x = torch.rand(3, 6, 8, 8) * (torch.rand(3, 6, 8, 8) < 0.3)
+    x[:, 5] = 0.0
+    x[1, 5, 4, 4] = 0.5           # channel 5: one pixel, where the other channels are large (small R)
+    x[1, :5, 2:7, 2:7] = 10.0
+    got = pfp.empirical_sensitivity(nn.Sequential(layer), x, batch_size=3)["0"]
+    assert sum(calls) > 0
+    assert torch.allclose(got, _reference_sensitivity(layer, x), atol=1e-6)

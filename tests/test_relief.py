@@ -251,3 +251,48 @@ def test_a_target_for_relief_is_an_error_not_a_silent_no_op(target):
     with pytest.raises(PrunelabError, match=f"'relief' decides how much to prune itself.*drop the target {target}"):
         prunelab.prune(model, "relief", data=torch.rand(8, 4), **{target: 0.5})
     assert not prunelab.masks(model)
+
+
+# --- the Gram-matrix computation of the conv scores -----------------------------------------------------
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+    dict(kernel_size=1, stride=2),
+    dict(kernel_size=5, padding=2),
+])
+def test_fro_contributions_of_strided_dilated_and_odd_kernels(conv):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, **conv)
+    x = torch.randn(5, 3, 9, 11)
+    stats = collect_activity(nn.Sequential(layer), {"0": layer}, x, conv_fro=True, batch_size=2)
+    contrib, _ = contributions(layer, stats["0"], "fro")
+    expected = torch.zeros(4, 3, dtype=torch.float64)
+    for j in range(4):  # each kernel slice's output maps, one sample at a time
+        for i in range(3):
+            k = layer.weight[j:j + 1, i:i + 1].detach().abs().double()
+            for n in range(5):
+                maps = nn.functional.conv2d(x[n:n + 1, i:i + 1].abs().double(), k, stride=layer.stride,
+                                            padding=layer.padding, dilation=layer.dilation)
+                expected[j, i] += maps.norm() / 5
+    assert torch.allclose(contrib, expected, rtol=1e-9, atol=1e-12)
+
+
+def _mask_digest(model):
+    """Number of masks, kept entries, and a hash of the mask bytes (sorted by name)."""
+    import hashlib
+    masks = masking.masks(model)
+    digest = hashlib.sha256()
+    for name in sorted(masks):
+        digest.update(name.encode())
+        digest.update(masks[name].to(torch.uint8).contiguous().numpy().tobytes())
+    return len(masks), sum(int(m.sum()) for m in masks.values()), digest.hexdigest()[:16]
+
+
+def test_resnet20_masks_are_those_of_the_output_map_implementation():
+    # expected values computed by the implementation that formed every (sample, channel, filter) output
+    # map and ran the residual rule in a pass of its own (commit 2d6d2fe)
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 10, (48,), generator=g)
+    model = prunelab.build_model("resnet20", seed=0)
+    prunelab.prune(model, "relief", data=data, seed=0, examples=32, batch_size=16)
+    assert _mask_digest(model) == (49, 137996, "c5bb38a1d2540821")

@@ -152,9 +152,36 @@ def _kernel_slice_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return maps.reshape(x.shape[0], in_c, out_c, *maps.shape[2:])
 
 
+def _slice_norm_sums(conv: nn.Conv2d, x_abs: torch.Tensor) -> torch.Tensor:
+    """sum_n || |K_ij| * |x_ni| ||_F for every (filter j, input channel i): (out, in), float64.
+
+    The paper's conv contribution (times N), without forming the (N, in, out, h, w) output maps:
+    ||K * x||_F^2 = sum_{u,v} K_u K_v G_uv with G_uv = sum_p x[p + u] x[p + v], the Gram matrix of the
+    channel's unfolded patches (kh*kw squared numbers per sample and channel, shared by all filters).
+    """
+    weight = conv.weight.detach().to("cpu", torch.float64).abs()
+    out_c, in_c = weight.shape[:2]
+    kk = weight.shape[2] * weight.shape[3]
+    iu, ju = torch.triu_indices(kk, kk)                      # G is symmetric: each pair once, off-diagonal x2
+    k = weight.reshape(out_c, in_c, kk)
+    pair_weight = (k[:, :, iu] * k[:, :, ju] * torch.where(iu == ju, 1.0, 2.0).double()).permute(1, 2, 0)
+    total = torch.zeros(in_c, out_c, dtype=torch.float64)
+    positions = max(1, x_abs.shape[-2] * x_abs.shape[-1])
+    per = max(1, (1 << 18) // (in_c * kk * positions))       # unfolded chunks of about 2 MB
+    for chunk in x_abs.split(per):
+        cols = F.unfold(chunk, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        cols = cols.view(chunk.shape[0], in_c, kk, -1)
+        gram = cols @ cols.transpose(-1, -2)                 # (b, in, kk, kk)
+        squares = torch.bmm(gram[:, :, iu, ju].transpose(0, 1), pair_weight)    # (in, b, out)
+        total += squares.clamp_(min=0).sqrt_().sum(1)
+    return total.T
+
+
 def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: torch.Tensor, *,
-                     conv_fro: bool, batch_size: int) -> dict[str, LayerActivity]:
-    """One eval-mode pass over ``inputs`` recording each layer's input activity (see LayerActivity)."""
+                     conv_fro: bool, batch_size: int, hooks=()) -> dict[str, LayerActivity]:
+    """One eval-mode pass over ``inputs`` recording each layer's input activity (see LayerActivity).
+
+    ``hooks``: handles of further hooks the caller registered for this pass (removed after it)."""
     stats = {name: LayerActivity() for name in layers}
 
     def hook(name):
@@ -165,21 +192,18 @@ def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: 
                 total = x.abs().reshape(-1, x.shape[-1]).sum(0)
                 s.count += x.reshape(-1, x.shape[-1]).shape[0]
             else:
-                total = x.abs().sum(0)
+                x_abs = x.abs()
+                total = x_abs.sum(0)
                 s.count += x.shape[0]
                 s.out_hw = output.shape[-2] * output.shape[-1]
                 if conv_fro:
                     with torch.no_grad():
-                        conv64 = _double(module)
-                        # chunk so the (B, in, out, h, w) maps stay around 16M numbers
-                        per = max(1, 16_000_000 // max(1, module.in_channels * module.out_channels * s.out_hw))
-                        for chunk in x.cpu().split(per):
-                            norms = _kernel_slice_conv(conv64, chunk).pow(2).sum((-2, -1)).sqrt().sum(0)
-                            s.conv_fro = norms.T if s.conv_fro is None else s.conv_fro + norms.T
+                        norms = _slice_norm_sums(module, x_abs.cpu())
+                        s.conv_fro = norms if s.conv_fro is None else s.conv_fro + norms
             s.abs_sum = total if s.abs_sum is None else s.abs_sum + total
         return record
 
-    run_with_hooks(model, inputs, [m.register_forward_hook(hook(n)) for n, m in layers.items()],
+    run_with_hooks(model, inputs, [*hooks, *(m.register_forward_hook(hook(n)) for n, m in layers.items())],
                    batch_size=batch_size)
     return stats
 
@@ -344,13 +368,12 @@ def _orphaned_units(graph, layers, masks: _Masks) -> dict[int, list[int]]:
     return orphans
 
 
-def _block_rule(model, layers, inputs, alpha, batch_size, masks: _Masks, report: ReliefReport) -> None:
-    """conv2 filters of residual blocks whose output is small against the shortcut's (resnet_prune)."""
+def _block_sums(model, layers):
+    """Hooks summing |bn2(conv2)| and |shortcut| of every basic block (the residual rule), for one pass:
+    (sums per block: [body, shortcut, count], handles)."""
     blocks = {name: m for name, m in model.named_modules()
               if all(hasattr(m, a) for a in ("conv2", "bn2", "shortcut")) and isinstance(m.conv2, nn.Conv2d)}
     blocks = {n: b for n, b in blocks.items() if param_name(n, "conv2") in layers}
-    if not blocks:
-        return
     sums: dict[str, list] = {n: [None, None, 0] for n in blocks}
 
     def hook(name, slot):
@@ -363,7 +386,11 @@ def _block_rule(model, layers, inputs, alpha, batch_size, masks: _Masks, report:
 
     handles = [h for n, b in blocks.items()
                for h in (b.bn2.register_forward_hook(hook(n, 0)), b.shortcut.register_forward_hook(hook(n, 1)))]
-    run_with_hooks(model, inputs, handles, batch_size=batch_size)
+    return sums, handles
+
+
+def _block_rule(sums, alpha, masks: _Masks, report: ReliefReport) -> None:
+    """conv2 filters of residual blocks whose output is small against the shortcut's (resnet_prune)."""
     bound = (1 - alpha) / alpha
     for name, (body, short, count) in sums.items():
         body_norm = (body / count).flatten(1).norm(dim=1)
@@ -398,8 +425,10 @@ def relief_masks(model: nn.Module, params, *, data, generator, alive=None, alpha
     convs = {n: m for n, m in layers.items() if isinstance(m, nn.Conv2d)}
     linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
 
+    # the residual rule reads the network before this step's conv pruning: the same pass as the scores
+    block_sums, block_hooks = _block_sums(model, layers) if convs else ({}, [])
     stats = collect_activity(model, layers, inputs, conv_fro=conv_reduce == "fro" and bool(convs),
-                             batch_size=batch_size)
+                             batch_size=batch_size, hooks=block_hooks)
     if remove_dead:
         dead = _dead_units(graph, layers, stats)
         masks.merge(structure.channel_masks(model, graph, dead))
@@ -416,7 +445,7 @@ def relief_masks(model: nn.Module, params, *, data, generator, alive=None, alpha
 
     if convs:
         prune_layers(convs, stats, alpha_conv)
-        _block_rule(model, layers, inputs, alpha_conv, batch_size, masks, report)
+        _block_rule(block_sums, alpha_conv, masks, report)
         masks.apply(model)
         stats = collect_activity(model, linears, inputs, conv_fro=False, batch_size=batch_size)
     prune_layers(linears, stats, alpha_fc)
