@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,20 @@ def read_json(path: str | os.PathLike, kind: type | None = None) -> Any:
         raise PrunelabError(f"{path} is corrupt: expected a JSON {'object' if kind is dict else kind.__name__}, "
                             f"found {type(value).__name__}")
     return value
+
+
+def read_toml(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """The TOML table in ``path``; one line naming the ``what`` (config file, study file) when it cannot be."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise PrunelabError(f"{what} {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise PrunelabError(f"{what} {path} is not valid TOML: {error}") from None
+    except OSError as error:
+        raise PrunelabError(f"cannot read {what} {path}: {error.strerror or error}") from None
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],

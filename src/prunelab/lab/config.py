@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .. import checkpoint
 from ..errors import PrunelabError
 from ..options import option
 from ..training import TrainConfig
@@ -187,17 +187,7 @@ def find_config(name: str | Path) -> Path:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    path = find_config(path)
-    try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise PrunelabError(f"config file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise PrunelabError(f"config file {path} is not valid TOML: {error}") from None
-    except OSError as error:
-        raise PrunelabError(f"cannot read config file {path}: {error.strerror or error}") from None
-    return fold_method_flags(raw)
+    return fold_method_flags(checkpoint.read_toml(find_config(path), "config file"))
 
 
 def fold_method_flags(values: dict[str, Any]) -> dict[str, Any]:

@@ -15,10 +15,10 @@ Every point names its source; an unknown key or a missing source is one Prunelab
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from .. import checkpoint
 from ..errors import PrunelabError
 
 REQUIRED = {"model": str, "dataset": str, "method": str, "test_error_pct": float, "source": str}
@@ -27,13 +27,7 @@ OPTIONAL = {"sparsity": float, "compression_ratio": float, "flops_reduction": fl
 
 def load_references(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise PrunelabError(f"references file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise PrunelabError(f"references file {path} is not valid TOML: {error}") from None
+    raw = checkpoint.read_toml(path, "references file")
     if set(raw) - {"point"} or not isinstance(raw.get("point", []), list):
         raise PrunelabError(f"{path}: a references file holds [[point]] tables only")
     return [_check(point, f"{path}: point {i + 1}") for i, point in enumerate(raw.get("point", []))]

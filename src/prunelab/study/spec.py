@@ -20,11 +20,11 @@ Every problem (an unknown key or method, a target out of range) is one PrunelabE
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import checkpoint
 from ..errors import PrunelabError
 from ..lab.config import fold_method_flags
 from ..methods import get_method
@@ -70,15 +70,7 @@ class StudySpec:
 def load_spec(path: str | Path) -> StudySpec:
     """Read and check a study file; PrunelabError (one line, naming the file) on any problem."""
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise PrunelabError(f"study file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise PrunelabError(f"study file {path} is not valid TOML: {error}") from None
-    except OSError as error:
-        raise PrunelabError(f"cannot read study file {path}: {error.strerror or error}") from None
+    raw = checkpoint.read_toml(path, "study file")
     try:
         return parse_spec(raw, path)
     except PrunelabError as error:
