@@ -154,7 +154,7 @@ def test_model_with_no_prunable_layers(tmp_path, capsys, monkeypatch, data_root)
     monkeypatch.setitem(model_registry._REGISTRY, "identity", info)
     code, _, err = run_cli("run", "--model", "identity", "--data-root", str(data_root),
                            "--out", str(tmp_path / "r"), capsys=capsys)
-    assert_usage_error(code, err, "no prunable layers", "Linear")
+    assert_usage_error(code, err, "no prunable parameters", "Linear")
 
 
 def test_missing_and_corrupt_data_files(tmp_path, capsys, data_root):

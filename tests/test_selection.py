@@ -132,7 +132,7 @@ def test_layer_collapse_warns_and_names_the_layer():
 def test_prune_errors_are_clear():
     with pytest.raises(prunelab.PrunelabError, match="unknown method 'bogus'; choose from: .*magnitude"):
         prunelab.prune(lenet(), "bogus", sparsity=0.5)
-    with pytest.raises(prunelab.PrunelabError, match="no prunable layers"):
+    with pytest.raises(prunelab.PrunelabError, match="no prunable parameters"):
         prunelab.prune(nn.Sequential(nn.ReLU()), "magnitude", sparsity=0.5)
     with pytest.raises(prunelab.PrunelabError, match="unknown option"):
         prunelab.prune(lenet(), "magnitude", sparsity=0.5, temperature=3)

@@ -16,9 +16,15 @@ Why no optimizer (momentum, weight decay, Adam moments) can revive a pruned weig
    when the first mask of the process is attached, not at import; so also for an optimizer never passed
    to ``attach``) zeroes that optimizer's state at masked positions once, so stale momentum from before
    pruning cannot leak back;
-4. a forward pre-hook re-applies the mask whenever the weight was changed by anything but an optimizer
-   step (a loaded state dict, a manual edit: tracked by the tensor's version counter), so the forward
-   pass always sees masked weights.
+4. a ``load_state_dict`` post-hook re-applies the mask as soon as weights are loaded (dense weights, a
+   checkpoint), and a forward pre-hook (on the owning module and on the model given to ``attach``)
+   re-applies it whenever the weight was changed by anything but an optimizer step (a manual edit:
+   tracked by the tensor's version counter), so the forward pass always sees masked weights, also
+   where a module reads another's weight (``nn.MultiheadAttention`` and its ``out_proj``, tied layers).
+
+A tied or shared parameter has one mask, under its first name. Masks survive ``model.to()`` (device and
+dtype), ``copy.deepcopy`` and ``load_state_dict(..., assign=True)``: the hooks live in the modules' hook
+tables and are re-linked to new parameter objects on the next forward pass or load.
 
 Per training step this costs one in-place multiply per masked tensor (the gradient): under 10% of an
 epoch even for LeNet-300-100, whose steps are tiny (measured in benchmarks/results/mask_overhead.json).
@@ -27,41 +33,94 @@ epoch even for LeNet-300-100, whose steps are tiny (measured in benchmarks/resul
 from __future__ import annotations
 
 import copy
+import fnmatch
 import itertools
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import PrunelabError
 
 MASK_SUFFIX = "_mask"
-_CONV_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RECURRENT = (nn.RNNBase,)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+KINDS = ("Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, MultiheadAttention (in_proj_weight, q/k/v_proj_weight, "
+         "out_proj), Hugging Face Conv1D, LSTM/GRU/RNN; Embedding when included")
+Selector = "str | type | Iterable[str | type] | None"
 
 
-def prunable_parameters(model: nn.Module, include_bias: bool = False,
-                        include_norm: bool = False) -> dict[str, nn.Parameter]:
-    """The parameters a method may prune, in ``named_parameters()`` order.
+def prunable_parameters(model: nn.Module, include_bias: bool = False, include_norm: bool = False, *,
+                        include: Selector = None, exclude: Selector = None) -> dict[str, nn.Parameter]:
+    """The parameters a method may prune, ``{first name: parameter}`` in ``named_parameters()`` order.
 
-    By default the ``weight`` of every Linear/Conv layer and the weight matrices of recurrent layers
-    (``weight_ih_l0``, ``weight_hh_l0``, ...). ``include_bias`` adds their biases (SNIP's official code,
-    NNrelief, LOBSTER); ``include_norm`` adds normalisation-layer affine parameters (LOBSTER).
+    By default the weights of every Linear, Conv (1d/2d/3d, transposed), Hugging Face ``Conv1D`` and
+    ``nn.MultiheadAttention`` (packed ``in_proj_weight`` or ``q/k/v_proj_weight``, and ``out_proj``), and
+    the weight matrices of recurrent layers (``weight_ih_l0``, ...). ``include_bias`` adds their biases
+    (SNIP's official code, NNrelief, LOBSTER); ``include_norm`` adds normalisation-layer affine parameters
+    (LOBSTER).
+
+    Parameters are found by tensor, not by module path: a tied or shared parameter appears once, under
+    its first name (:func:`aliases` gives the others), and is eligible only when it is eligible under
+    every module that holds it (an output layer tied to an embedding is an embedding).
+
+    The policy (``include`` / ``exclude``: a module type, or a string, or a list of them): a string matches
+    a parameter when it is a glob pattern of the parameter's name or of its module's name
+    (``"classifier"``, ``"*.attention.*"``) or the class name of a module holding it (``"Embedding"``).
+    ``include`` opts in parameters that are not prunable by default: embeddings (``include=nn.Embedding``:
+    an embedding's rows are token vectors, not connections, so pruning them is a choice), or any
+    parameter named. ``exclude`` opts out (``exclude="classifier"`` keeps the output layer dense).
     """
+    include, exclude = _selectors(include), _selectors(exclude)
+    holders = _holders(model)
     chosen: dict[str, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
+    for name, param in model.named_parameters():
+        owners = holders[id(param)]
+        default = all(_is_prunable(module, local, include_bias, include_norm) for _, module, local in owners)
+        if (default or _matches(include, owners)) and not _matches(exclude, owners):
+            chosen[name] = param
+    return chosen
+
+
+def aliases(model: nn.Module) -> dict[str, list[str]]:
+    """``{first name: [other names]}`` for every parameter the model holds under more than one name (tied
+    weights, a module registered twice)."""
+    found: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
         for local, param in module.named_parameters(recurse=False):
-            if _is_prunable(module, local, include_bias, include_norm):
-                chosen[param_name(module_name, local)] = param
-    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    return dict(sorted(chosen.items(), key=lambda item: order.get(item[0], len(order))))
+            names = found.setdefault(id(param), [])
+            full = param_name(module_name, local)
+            if full not in names:
+                names.append(full)
+    return {names[0]: names[1:] for names in found.values() if len(names) > 1}
+
+
+def canonical_name(model: nn.Module, name: str) -> str:
+    """The first name of the parameter called ``name`` (itself unless it is an alias)."""
+    for first, others in aliases(model).items():
+        if name in others:
+            return first
+    return name
+
+
+def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """For each parameter (by id): every (name, module, local name) that holds it."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for local, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append((param_name(module_name, local), module, local))
+    return holders
 
 
 def _is_prunable(module: nn.Module, local: str, include_bias: bool, include_norm: bool) -> bool:
-    if isinstance(module, _CONV_LINEAR):
+    if isinstance(module, (nn.Linear, _ConvNd)) or _is_hf_conv1d(module):
         return local == "weight" or (include_bias and local == "bias")
+    if isinstance(module, nn.MultiheadAttention):
+        return local in _ATTENTION_WEIGHTS or (include_bias and local == "in_proj_bias")
     if isinstance(module, _RECURRENT):
         return local.startswith("weight_") or (include_bias and local.startswith("bias_"))
     if isinstance(module, _NORMS):
@@ -69,27 +128,64 @@ def _is_prunable(module: nn.Module, local: str, include_bias: bool, include_norm
     return False
 
 
-def require_prunable(model: nn.Module) -> None:
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear with its weight stored (in, out); matched by name so
+    that transformers is never imported here."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def _selectors(value) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (str, type)):
+        return (value,)
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, (str, type)):
+            raise PrunelabError(f"include/exclude take module types or name patterns, got {item!r}")
+    return items
+
+
+def _matches(selectors: tuple, owners: list[tuple[str, nn.Module, str]]) -> bool:
+    for selector in selectors:
+        for name, module, _ in owners:
+            if isinstance(selector, type):
+                if isinstance(module, selector):
+                    return True
+            elif (fnmatch.fnmatchcase(name, selector) or fnmatch.fnmatchcase(name.rpartition(".")[0], selector)
+                  or type(module).__name__ == selector):
+                return True
+    return False
+
+
+def require_prunable(model: nn.Module, params: Mapping[str, nn.Parameter] | None = None) -> None:
     """Raise a clear error for a model without any layer a pruning method could act on."""
-    if not prunable_parameters(model):
-        kinds = "Linear, Conv1d/2d/3d, LSTM/GRU/RNN"
-        raise PrunelabError(f"model {type(model).__name__} has no prunable layers (supported: {kinds})")
+    if not (prunable_parameters(model) if params is None else params):
+        raise PrunelabError(f"model {type(model).__name__} has no prunable parameters (prunable: {KINDS}; "
+                            "see include=/exclude=)")
 
 
 def attach(model: nn.Module, masks: Mapping[str, torch.Tensor],
            optimizer: torch.optim.Optimizer | None = None) -> None:
     """Attach (or replace) masks, keyed by parameter name, and zero the masked weights now.
 
-    A parameter that already has a mask gets the new one; parameters not named keep theirs. An
+    A parameter that already has a mask gets the new one; parameters not named keep theirs. A tied
+    parameter may be named by any of its names; its one mask is kept under its first name. An
     optimizer passed here has its state at masked positions zeroed now; any other is cleaned at its
     next step.
     """
     _watch_optimizers()
     params = dict(model.named_parameters())
+    resolved: dict[str, torch.Tensor] = {}
     for name, mask in masks.items():
-        if name not in params:
-            raise PrunelabError(f"mask for unknown parameter {name!r}; the model has: "
-                                f"{', '.join(prunable_parameters(model))}")
+        first = name if name in params else canonical_name(model, name)
+        if first not in params:
+            raise PrunelabError(f"mask for unknown parameter {name!r}; the model's prunable parameters: "
+                                f"{', '.join(prunable_parameters(model)) or 'none'}")
+        if first in resolved and first != name:
+            raise PrunelabError(f"two masks for one tied parameter: {name!r} is {first!r}")
+        resolved[first] = mask
+    for name, mask in resolved.items():
         param = params[name]
         if tuple(mask.shape) != tuple(param.shape):
             raise PrunelabError(f"mask for {name} has shape {tuple(mask.shape)}, "
@@ -99,9 +195,9 @@ def attach(model: nn.Module, masks: Mapping[str, torch.Tensor],
         module, local = _owner(model, name)
         module.register_buffer(local + MASK_SUFFIX, mask.detach().to(param.device, param.dtype).clone(),
                                persistent=False)
-        _install_hooks(module, local, param)
-        param._prunelab_mask = (module, local)
-        param._prunelab_generation = next(_generations)
+        _install_hooks(module, local)
+        _link(module, local)
+    _add_hook(model, "_forward_pre_hooks", _root_pre_hook, model.register_forward_pre_hook)
     apply(model)
     if optimizer is not None:
         mask_optimizer_state(optimizer)
@@ -174,11 +270,12 @@ def _watch_optimizers() -> None:
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy with its own masks and hooks (``copy.deepcopy`` drops gradient hooks)."""
-    current = masks(model)
+    """A deep copy with its own masks and hooks (``copy.deepcopy(model)`` gives the same: the hooks are
+    re-linked at the copy's first forward pass or state-dict load)."""
     clone = copy.deepcopy(model)
-    remove(clone)
-    attach(clone, current)
+    for module in clone.modules():
+        for local in getattr(module, "_prunelab_masked", ()):
+            _link(module, local)
     return clone
 
 
@@ -190,34 +287,84 @@ def make_permanent(model: nn.Module) -> None:
 
 def remove(model: nn.Module, names: Iterable[str] | None = None) -> None:
     """Drop masks (all, or the named ones) without touching the weights: pruned weights may regrow."""
-    wanted = None if names is None else set(names)
+    wanted = None if names is None else {canonical_name(model, n) for n in names}
     for module_name, module in model.named_modules():
         masked = getattr(module, "_prunelab_masked", ())
         dropped = [local for local in masked if wanted is None or param_name(module_name, local) in wanted]
         for local in dropped:
             delattr(module, local + MASK_SUFFIX)
-            module._prunelab_handles.pop(local).remove()
-            for attribute in ("_prunelab_mask", "_prunelab_generation"):
-                vars(getattr(module, local)).pop(attribute, None)
+            _unlink(getattr(module, local))
         if not masked:
             continue
         module._prunelab_masked = tuple(local for local in masked if local not in dropped)
         if not module._prunelab_masked:
-            for handle in module._prunelab_handles.values():
-                handle.remove()
-            for attribute in ("_prunelab_masked", "_prunelab_handles", "_prunelab_versions"):
+            _drop_hook(module, "_forward_pre_hooks", _forward_pre_hook)
+            _drop_hook(module, "_load_state_dict_post_hooks", _load_post_hook)
+            for attribute in ("_prunelab_masked", "_prunelab_versions"):
                 delattr(module, attribute)
+    if not is_masked(model):
+        _drop_hook(model, "_forward_pre_hooks", _root_pre_hook)
 
 
-def _install_hooks(module: nn.Module, local: str, param: nn.Parameter) -> None:
+# --- hooks -----------------------------------------------------------------------------------------------
+# Module hooks are found by their function, not kept as handles: a handle would not survive
+# ``copy.deepcopy``, while the hook dicts, buffers and ``_prunelab_*`` attributes are copied with the module.
+# Parameters are new objects in a copy (and after ``load_state_dict(assign=True)``): their link (the
+# gradient hook and ``_prunelab_mask``) is re-made by :func:`_refresh` when the link is missing.
+
+def _install_hooks(module: nn.Module, local: str) -> None:
     masked = getattr(module, "_prunelab_masked", ())
     if local in masked:
         return  # the hooks look the buffer up at call time, so a replaced mask needs no new hook
     if not masked:
-        module._prunelab_handles = {"forward": module.register_forward_pre_hook(_forward_pre_hook)}
         module._prunelab_versions = {}
-    module._prunelab_handles[local] = param.register_post_accumulate_grad_hook(_mask_gradient)
+        _add_hook(module, "_forward_pre_hooks", _forward_pre_hook, module.register_forward_pre_hook)
+        _add_hook(module, "_load_state_dict_post_hooks", _load_post_hook,
+                  module.register_load_state_dict_post_hook)
     module._prunelab_masked = masked + (local,)
+
+
+def _add_hook(module: nn.Module, table: str, hook, register) -> None:
+    if hook not in getattr(module, table).values():
+        register(hook)
+
+
+def _drop_hook(module: nn.Module, table: str, hook) -> None:
+    hooks = getattr(module, table)
+    for key in [k for k, v in hooks.items() if v is hook]:
+        del hooks[key]
+
+
+def _link(module: nn.Module, local: str) -> None:
+    """Tie a parameter to its mask: the gradient hook, and what the optimizer hook reads."""
+    param = getattr(module, local)
+    owner = getattr(param, "_prunelab_mask", None)
+    if owner is not None and owner[0] is module:
+        param._prunelab_generation = next(_generations)  # a replaced mask: optimizers clean again
+        return
+    param._prunelab_mask = (module, local)
+    param._prunelab_generation = next(_generations)
+    param._prunelab_grad_hook = param.register_post_accumulate_grad_hook(_mask_gradient)
+
+
+def _unlink(param: nn.Parameter) -> None:
+    handle = vars(param).pop("_prunelab_grad_hook", None)
+    if handle is not None:
+        handle.remove()
+    for attribute in ("_prunelab_mask", "_prunelab_generation"):
+        vars(param).pop(attribute, None)
+
+
+def _refresh(module: nn.Module) -> None:
+    """Re-link parameters that lost their link and re-apply masks to weights changed outside a step."""
+    versions = module._prunelab_versions
+    for local in module._prunelab_masked:
+        param = getattr(module, local)
+        owner = getattr(param, "_prunelab_mask", None)
+        if owner is None or owner[0] is not module:
+            _link(module, local)
+        if param._version != versions.get(local):
+            _apply_one(module, local)
 
 
 def _mask_gradient(param: nn.Parameter) -> None:
@@ -228,11 +375,20 @@ def _mask_gradient(param: nn.Parameter) -> None:
 
 
 def _forward_pre_hook(module: nn.Module, _inputs) -> None:
-    versions = module._prunelab_versions
-    for local in module._prunelab_masked:
-        if getattr(module, local)._version != versions.get(local):
-            with torch.no_grad():
-                _apply_one(module, local)
+    _refresh(module)
+
+
+def _root_pre_hook(model: nn.Module, _inputs) -> None:
+    """On the model given to ``attach``: a masked weight read by another module (``out_proj`` inside
+    ``nn.MultiheadAttention``, a tied output layer) is masked before anything reads it."""
+    for module in model.modules():
+        if getattr(module, "_prunelab_masked", None):
+            _refresh(module)
+
+
+def _load_post_hook(module: nn.Module, _incompatible) -> None:
+    """A loaded state dict (dense weights, say) is masked at once, not at the next forward pass."""
+    _refresh(module)
 
 
 def _apply_one(module: nn.Module, local: str) -> None:
@@ -250,4 +406,3 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def param_name(module: str, local: str) -> str:
     """The parameter name ``module.local`` (just ``local`` for the root module)."""
     return f"{module}.{local}" if module else local
-

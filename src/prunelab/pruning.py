@@ -37,7 +37,8 @@ class PruneReport:
     or None when the method decided. ``sparsity``, ``kept`` and ``total`` count the prunable weights the
     method acted on; ``eligible`` is their share of all the model's parameters, ``sparsity_all`` the share
     of all parameters now masked, ``channels_removed`` the share of the layers' output channels (rows)
-    whose weights are all masked. ``examples``: data examples the method drew (0 when it used none).
+    whose weights are all masked, ``layers`` one entry per eligible parameter (``aliases``: the other names
+    of a tied one). ``examples``: data examples the method drew (0 when it used none).
     """
 
     method: str
@@ -88,24 +89,28 @@ def check_target(method: Method, *, sparsity: float | None = None, channels: flo
         raise PrunelabError(f"{kind} must be in [0, 1) ({meaning[kind]} removed), got {value!r}") from None
 
 
-def _prepare(model: nn.Module, method: str, data, include_bias: bool, options: dict, loss_fn, get_logits):
+def _prepare(model: nn.Module, method: str, data, include_bias: bool, include, exclude, options: dict, loss_fn,
+             get_logits):
     """Check a call against its method: (method, prunable parameters, checked options, data as a Feed)."""
     spec = get_method(method)
-    masking.require_prunable(model)
     if spec.needs_data and data is None:
         raise PrunelabError(f"method {method!r} needs data to score (pass data=...)")
     parsed = spec.parse_options(options)
-    params = masking.prunable_parameters(model, include_bias=include_bias)
+    params = masking.prunable_parameters(model, include_bias=include_bias, include=include, exclude=exclude)
+    masking.require_prunable(model, params)
     check_layers(spec, model, params)
     return spec, params, parsed, as_feed(data, loss_fn=loss_fn, get_logits=get_logits)
 
 
 def scores(model: nn.Module, method: str, data=None, *, seed: int = 0, include_bias: bool = False,
-           loss_fn: Callable | None = None, get_logits: Callable | None = None, **options) -> dict[str, torch.Tensor]:
+           include=None, exclude=None, loss_fn: Callable | None = None, get_logits: Callable | None = None,
+           **options) -> dict[str, torch.Tensor]:
     """``{parameter name: score}`` of a score-based method on the model's prunable parameters (higher =
     keep). ``data``: any form ``prunelab.data.feed`` takes; ``loss_fn(logits, targets)`` (default
-    cross-entropy) and ``get_logits`` (picks the logits from the model's output) for loss-based methods."""
-    spec, params, parsed, data = _prepare(model, method, data, include_bias, options, loss_fn, get_logits)
+    cross-entropy) and ``get_logits`` (picks the logits from the model's output) for loss-based methods;
+    ``include``/``exclude``: which parameters are eligible (``prunelab.masking.prunable_parameters``)."""
+    spec, params, parsed, data = _prepare(model, method, data, include_bias, include, exclude, options, loss_fn,
+                                          get_logits)
     if spec.criterion is None:
         raise PrunelabError(f"method {method!r} has no scores; score-based methods: "
                             f"{', '.join(n for n, m in METHODS.items() if m.criterion)}")
@@ -114,8 +119,9 @@ def scores(model: nn.Module, method: str, data=None, *, seed: int = 0, include_b
 
 def prune(model: nn.Module, method: str, sparsity: float | None = None, data=None, *,
           channels: float | None = None, parameters: float | None = None, scope: str | None = None,
-          seed: int = 0, include_bias: bool = False, optimizer: torch.optim.Optimizer | None = None,
-          loss_fn: Callable | None = None, get_logits: Callable | None = None, **options) -> PruneReport:
+          seed: int = 0, include_bias: bool = False, include=None, exclude=None,
+          optimizer: torch.optim.Optimizer | None = None, loss_fn: Callable | None = None,
+          get_logits: Callable | None = None, **options) -> PruneReport:
     """Prune ``model`` in place and return a report.
 
     The target is one of ``sparsity`` (fraction of the prunable weights removed: exactly
@@ -126,13 +132,16 @@ def prune(model: nn.Module, method: str, sparsity: float | None = None, data=Non
     ``prune`` again with a higher target continues an iterative schedule; a lower one is refused.
 
     ``data``: a Dataset, DataLoader, iterable of batches or (inputs, targets) pair (``prunelab.data.feed``);
-    ``loss_fn`` and ``get_logits`` as for ``scores``; ``optimizer``: its state at pruned positions is zeroed
+    ``loss_fn`` and ``get_logits`` as for ``scores``; ``include``/``exclude``: the eligibility policy (by default
+    Linear, Conv, attention and recurrent weights; embeddings opt in: ``include=nn.Embedding``; a module
+    type or a name pattern, or a list: ``prunelab.masking.prunable_parameters``); ``optimizer``: its state at pruned positions is zeroed
     now; ``options``: the method's (``prunelab.list_methods()``, ``docs/methods/``).
     """
     start = time.perf_counter()
     spec = get_method(method)
     kind, amount = check_target(spec, sparsity=sparsity, channels=channels, parameters=parameters)
-    spec, params, parsed, data = _prepare(model, method, data, include_bias, options, loss_fn, get_logits)
+    spec, params, parsed, data = _prepare(model, method, data, include_bias, include, exclude, options, loss_fn,
+                                          get_logits)
     parsed.update(spec.target_options.get(kind, {}))
     if spec.criterion is None and spec.pruner is None:
         raise PrunelabError(f"method {method!r} does not prune in one call"
@@ -180,11 +189,13 @@ def _refuse_lower(params, alive, sparsity: float) -> None:
 def _report(model, method, scope, target, params, data, seconds) -> PruneReport:
     """The model's masks after a pruning step, counted over the prunable ``params`` (and all parameters)."""
     current = masking.masks(model)
+    tied = masking.aliases(model)
     layers, collapsed, kept_total, total, rows_dead, rows = [], [], 0, 0, 0, 0
     for name, param in params.items():
         mask = current.get(name)
         kept = param.numel() if mask is None else int(mask.sum())
-        layers.append({"name": name, "shape": list(param.shape), "params": param.numel(), "kept": kept})
+        layers.append({"name": name, "shape": list(param.shape), "params": param.numel(), "kept": kept,
+                       **({"aliases": tied[name]} if name in tied else {})})
         if kept == 0 and not name.endswith("bias"):  # an emptied bias still lets signal through
             collapsed.append(name)
         kept_total += kept

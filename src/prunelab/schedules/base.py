@@ -25,6 +25,12 @@ from torch import nn
 from .. import masking
 
 
+def pop_eligibility(options: dict) -> dict:
+    """Take ``include``/``exclude`` (which parameters are eligible: ``prunelab.prune``'s) out of a
+    schedule's keyword options, which are otherwise the method's."""
+    return {key: options.pop(key) for key in ("include", "exclude") if key in options}
+
+
 class Schedule:
     """Base class: counts steps and epochs and keeps the events; subclasses prune in ``step`` or
     ``epoch_end``."""

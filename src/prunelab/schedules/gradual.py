@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import pruning
 from ..errors import PrunelabError
-from .base import Schedule
+from .base import Schedule, pop_eligibility
 
 
 def cubic_sparsity(step: int, *, final: float, start: int, end: int, initial: float = 0.0) -> float:
@@ -37,6 +37,7 @@ class Gradual(Schedule):
                  scope: str | None = None, include_bias: bool = False, loss_fn=None, get_logits=None, **options):
         super().__init__(model)
         self.method = pruning.get_method(method)
+        self.eligible = pop_eligibility(options)  # include=/exclude=: which parameters may be pruned
         self.method.parse_options(options)
         self.final = pruning.check_target(self.method, sparsity=sparsity)[1]
         if not (isinstance(start, int) and isinstance(end, int) and isinstance(every, int)) \
@@ -59,7 +60,7 @@ class Gradual(Schedule):
         if target <= 0.0 or target <= done:
             return None
         report = pruning.prune(self.model, self.method.name, sparsity=target, data=self.data, scope=self.scope,
-                               seed=self.seed, include_bias=self.include_bias, optimizer=self.optimizer,
+                               seed=self.seed, include_bias=self.include_bias, **self.eligible, optimizer=self.optimizer,
                                loss_fn=self.loss_fn, get_logits=self.get_logits, **self.options)
         return self._record({"step": t, **report.as_dict()})
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import masking, pruning
 from ..errors import PrunelabError
-from .base import Schedule
+from .base import Schedule, pop_eligibility
 
 REWIND = ("none", "init", "early")
 
@@ -66,6 +66,7 @@ class Iterative(Schedule):
         if (rewind == "early") != (rewind_step > 0):
             raise PrunelabError("rewind = 'early' needs rewind_step >= 1 (the step rewound to), and only it does")
         self.method = pruning.get_method(method)
+        self.eligible = pop_eligibility(options)  # include=/exclude=: which parameters may be pruned
         self.method.parse_options(options)  # a bad option fails here, not at the first round
         self.kind, total = pruning.check_target(self.method, sparsity=sparsity, channels=channels)
         self.targets = [None] * rounds if self.kind is None else round_targets(total, rounds)
@@ -96,7 +97,7 @@ class Iterative(Schedule):
         target = self.targets[round - 1]
         amount = {} if self.kind is None else {self.kind: target}
         report = pruning.prune(self.model, self.method.name, data=self.data, scope=self.scope, seed=self.seed,
-                               include_bias=self.include_bias, optimizer=self.optimizer, loss_fn=self.loss_fn,
+                               include_bias=self.include_bias, **self.eligible, optimizer=self.optimizer, loss_fn=self.loss_fn,
                                get_logits=self.get_logits, **amount, **self.options)
         return self._record({"round": round, **report.as_dict()})
 

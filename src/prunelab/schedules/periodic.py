@@ -22,7 +22,7 @@ from torch import nn
 from .. import masking, pruning
 from ..errors import PrunelabError
 from ..training import derive_seed
-from .base import Schedule
+from .base import Schedule, pop_eligibility
 
 
 class Periodic(Schedule):
@@ -37,6 +37,7 @@ class Periodic(Schedule):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PrunelabError(f"{name} must be a positive integer, got {value!r}")
         self.method = pruning.get_method(method)
+        self.eligible = pop_eligibility(options)  # include=/exclude=: which parameters may be pruned
         self.method.parse_options(options)  # a bad option fails here, not at the first recomputation
         self.options = {k: v for k, v in options.items() if k not in ("mode", "interval", "ramp")}
         self.sparsity = pruning.check_target(self.method, sparsity=sparsity)[1]
@@ -57,7 +58,7 @@ class Periodic(Schedule):
         before = masking.masks(self.model)
         report = pruning.prune(self.model, self.method.name, sparsity=target, data=self.data, scope=self.scope,
                                seed=derive_seed(self.seed, f"{self.method.name}-train-with", self.epochs),
-                               include_bias=self.include_bias, optimizer=self.optimizer, loss_fn=self.loss_fn,
+                               include_bias=self.include_bias, **self.eligible, optimizer=self.optimizer, loss_fn=self.loss_fn,
                                get_logits=self.get_logits, **self.options)
         after = masking.masks(self.model)
         changed = sum(int((after[n] != before[n]).sum()) if n in before else int((~after[n]).sum())
