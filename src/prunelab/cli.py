@@ -55,6 +55,9 @@ def _build_parser() -> argparse.ArgumentParser:
         run.add_argument(f"--{option.replace('_', '-')}", dest=option, metavar="VALUE", default=argparse.SUPPRESS,
                          help=f"method option {option} ({helps})")
     run.add_argument("--quiet", action="store_true", help="print only the result table")
+    run.add_argument("--nproc", type=int, default=None, metavar="N",
+                     help="train data-parallel on N processes of this machine (one per GPU with --device cuda): "
+                          "launches torchrun (docs/distributed.md); not a config key")
 
     listing = commands.add_parser("list", help="list models, datasets or methods")
     listing.add_argument("what", choices=LISTABLE)
@@ -135,15 +138,93 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from . import distributed
+    from .lab.run import format_result, run
+
+    config = _run_config(args)
+    if args.nproc is not None and args.nproc != 1:  # one process: this one
+        return _launch(config, args.nproc, argv)
+    if args.quiet:
+        result = run(config, progress=False, echo=None)
+        if distributed.is_main():
+            print(format_result(result))
+    else:
+        run(config)
+    return 0
+
+
+def _launch(config, nproc: int, argv: Sequence[str]) -> int:
+    """``prunelab run --nproc N ...``: the same command without --nproc, on N processes under torchrun
+    (standalone rendezvous on a free port of this machine). The config is checked here first, so bad input
+    ends in one line before any process starts; torchrun's own report of a failed process is left out."""
+    import os
+    import re
+    import signal
+    import subprocess
+
+    from . import distributed
+    from .lab.run import resolve
+
+    if nproc < 1:
+        raise PrunelabError(f"--nproc must be >= 1, got {nproc}")
+    if distributed.launched():
+        raise PrunelabError("--nproc launches torchrun; this process already runs under a launcher (WORLD_SIZE "
+                            "is set): leave --nproc out")
+    resolved = resolve(config)
+    if resolved.device.startswith("cuda") and ":" in resolved.device and nproc > 1:
+        raise PrunelabError(f"device {resolved.device} names one GPU; with --nproc {nproc} give --device cuda "
+                            "(one GPU per process)")
+    rest = _without_nproc(argv)
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # else torchrun sets 1, with a banner
+        env["OMP_NUM_THREADS"] = str(config.threads or max(1, (os.cpu_count() or 1) // nproc))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "prunelab", *rest]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    # SIGTERM (a scheduler, kill): passed to torchrun, which stops the workers (checkpoints stay)
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: process.send_signal(signum))
+    failed = None  # the first failed worker's exit status, from torchrun's report
+    own_log = re.compile(rb"^[DIWEF]\d{4} [\d:.]+ +\d+ .*torch/distributed/")  # torchrun's log records
+    try:
+        for line in iter(process.stderr.readline, b""):  # the workers' stderr passes; torchrun's own not
+            found = re.search(rb"failed \(exitcode: (-?\d+)\)", line)
+            if failed is None and (found or b"ChildFailedError" in line):
+                failed = int(found.group(1)) if found else 1
+            if failed is None and not own_log.match(line):
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.wait()  # torchrun got the interrupt too, and stops the workers
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code and failed is not None and failed > 0:
+        return failed  # 2: a PrunelabError, which rank 0 printed in one line
+    return code
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            rest.append(item)
+    return rest
+
+
+def _run_config(args: argparse.Namespace):
     from .lab.config import defaults, fold_method_flags, make_config, option_value, read_toml
     from .methods import method_flags
-    from .lab.run import format_result, run
 
     values = defaults()
     if args.config:
         values.update(read_toml(args.config))
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet", "nproc")}
     cli_options = {entry.partition("=")[0].strip() for entry in given.get("method_options", [])}
     for name in ("model_options", "method_options"):
         if name in given:
@@ -165,13 +246,7 @@ def _run(args: argparse.Namespace) -> int:
         from .models import list_models
         raise PrunelabError("no model given: pass --model or a config file; models: "
                             + ", ".join(m.name for m in list_models()))
-    config = make_config(values)
-    if args.quiet:
-        result = run(config, progress=False, echo=None)
-        print(format_result(result))
-    else:
-        run(config)
-    return 0
+    return make_config(values)
 
 
 def _list(what: str) -> int:
@@ -198,10 +273,11 @@ def _list(what: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "run":
-            return _run(args)
+            return _run(args, argv)
         if args.command == "list":
             return _list(args.what)
         if args.command == "plot":
@@ -220,11 +296,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _build_parser().print_help()
         return EXIT_USAGE
     except PrunelabError as error:
-        print(f"prunelab: error: {error}", file=sys.stderr)
+        from . import distributed
+        if distributed.is_main():  # the ranks of a distributed run stop together: rank 0 says why, once
+            print(f"prunelab: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("prunelab: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        if "prunelab.distributed" in sys.modules:  # a distributed run's process leaves its group
+            sys.modules["prunelab.distributed"].shutdown()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ The loop is deliberately plain (tensor slicing for batches, no DataLoader worker
 is the loop itself that costs, not the data. Masks need nothing here: the hooks in ``masking`` keep
 pruned weights at zero through every step. Every epoch's shuffling, augmentation and dropout come from
 a seed derived from (run seed, stage, epoch), so an epoch replays identically after a resume.
+
+Under ``torchrun`` (an initialised process group of several processes) the trainer trains data-parallel:
+the model is wrapped in DDP and every rank draws the same global batches, training on its chunk of each
+(``prunelab.distributed.shard``), so that the steps are those of one process with the same batch size.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class TrainConfig:
     gamma: float = option(0.1, "decay factor of step / multistep")
     warmup: int = option(0, "linear warm-up length, in the budget's unit")
     eval_batch_size: int = option(1000, "evaluation batch size")
+    amp: bool = option(False, "mixed-precision training: float16 autocast with loss scaling on CUDA, bfloat16 "
+                              "autocast on the CPU (evaluation stays in float32)")
 
     def __post_init__(self):
         self.check()
@@ -184,16 +190,32 @@ class Trainer:
     """Runs epochs of one training stage: fresh optimizer (or the one given), schedule by global step.
 
     ``data`` is any form ``evaluate`` takes; a DataLoader is used with its own batch size and sampler (whose
-    shuffling is seeded per epoch), other data is batched by ``config.batch_size``."""
+    shuffling is seeded per epoch), other data is batched by ``config.batch_size``.
+
+    ``distributed`` (default: whenever a process group of several processes is initialised, as under
+    ``torchrun``): train data-parallel. The model is wrapped in DDP (``self.model`` stays the plain model);
+    batches the trainer cuts itself are the global batches of one process, of which each rank trains on its
+    chunk; a DataLoader's batches are each rank's own (give it a ``DistributedSampler``). The epoch's loss
+    and error are summed over the ranks."""
 
     def __init__(self, model: nn.Module, data, config: TrainConfig, seed: int, stage: int = 0,
                  device: str | torch.device = "cpu", progress: bool | None = None, *,
                  loss_fn: Callable | None = None, get_logits: Callable | None = None,
-                 optimizer: torch.optim.Optimizer | None = None):
-        self.model, self.config = model, config
+                 optimizer: torch.optim.Optimizer | None = None, distributed: bool | None = None):
+        from . import distributed as dist_
+
+        self.model, self.config = dist_.unwrap(model), config
         self.data = feed.as_feed(data, loss_fn=loss_fn, get_logits=get_logits)
         self.seed, self.stage, self.device = seed, stage, torch.device(device)
         self.optimizer = optimizer or make_optimizer(model, config)
+        self.distributed = dist_.active() if distributed is None else bool(distributed and dist_.active())
+        self.forward_model = dist_.wrap(model) if self.distributed else model
+        # the trainer cuts global batches and shards them; a DataLoader or plain iterable is already per rank
+        self.sharded = self.distributed and self.data._loader is None and self.data.seekable
+        self.amp = bool(getattr(config, "amp", False))
+        # autocast where the weights are: float16 with loss scaling on CUDA, bfloat16 elsewhere
+        self.amp_device = next(self.model.parameters(), torch.empty(0)).device.type
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.amp_device == "cuda" else None
         self.steps_per_epoch = max(self.data.num_batches(config.batch_size, drop_last=False), 1)
         self.total_steps = config.total_steps(self.steps_per_epoch)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -204,39 +226,61 @@ class Trainer:
         """Train epoch ``epoch`` (0-based); the last epoch stops at the step budget."""
         from tqdm import tqdm
 
-        model, config = self.model, self.config
+        from . import distributed as dist_
+
+        model, config = self.forward_model, self.config
         step = epoch * self.steps_per_epoch
         steps = min(self.steps_per_epoch, self.total_steps - step)
         epoch_seed = derive_seed(self.seed, self.stage, epoch)
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
         wrong = torch.zeros((), dtype=torch.long, device=self.device)
-        seen = 0
+        seen = torch.zeros((), dtype=torch.long, device=self.device)
         model.train()
         bar = tqdm(total=steps, desc=f"stage {self.stage} epoch {epoch + 1}/{self.epochs}",
                    disable=not self.progress, leave=False, unit="step")
+        rank = dist_.rank() if self.distributed else 0
+        # dropout and any other global-RNG use in the model; other ranks draw for their own chunks
+        model_seed = epoch_seed if rank == 0 else derive_seed(epoch_seed, "rank", rank)
+        autocast_dtype = torch.float16 if self.amp_device == "cuda" else torch.bfloat16
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(epoch_seed)  # dropout and any other global-RNG use in the model
+            torch.manual_seed(model_seed)
             batches = self.data.batches(config.batch_size, shuffle=True, seed=epoch_seed)
             for _, (inputs, targets) in zip(range(steps), batches):
                 lr = lr_at(config, step, self.steps_per_epoch)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                logits = self.data.logits(model, inputs)
-                targets = targets.to(logits.device)
-                loss = self.data.loss_fn(logits, targets)
+                weight = 1.0
+                if self.sharded:  # this rank's chunk of the global batch, and its loss's weight
+                    inputs, targets, weight = dist_.shard(inputs, targets)
+                with torch.autocast(self.amp_device, dtype=autocast_dtype, enabled=self.amp):
+                    logits = self.data.logits(model, inputs)
+                    targets = targets.to(logits.device)
+                    empty = feed.count(inputs) == 0
+                    loss = logits.float().sum() * 0.0 if empty else self.data.loss_fn(logits, targets)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                objective = loss * weight if weight != 1.0 else loss
+                if self.scaler is not None:
+                    self.scaler.scale(objective).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    objective.backward()
+                    self.optimizer.step()
                 step += 1
-                wrong1, counted = _top1_wrong(logits.detach(), targets)
-                loss_sum += loss.detach() * counted
-                wrong += wrong1
-                seen += counted
+                if not empty:
+                    wrong1, counted = _top1_wrong(logits.detach(), targets)
+                    loss_sum += loss.detach().float() * counted
+                    wrong += wrong1
+                    seen += counted
                 for hook in self.step_hooks:
                     hook(step)
                 bar.update()
         bar.close()
+        if self.distributed:  # the epoch's figures over every rank's chunks: those of the global batches
+            totals = dist_.all_reduce_sum(torch.stack([loss_sum.double(), wrong.double(), seen.double()]))
+            loss_sum, wrong, seen = totals[0], totals[1].long(), totals[2].long()
+        seen = int(seen.item())
         if seen and not math.isfinite(loss_sum.item()):
             raise TrainingDiverged(f"training diverged (loss is {loss_sum.item()}) in stage {self.stage} "
                                    f"epoch {epoch + 1}; lower the learning rate")

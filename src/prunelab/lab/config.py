@@ -110,7 +110,7 @@ class RunConfig(TrainConfig):
 # where a run is written, how fast, and which folder its checksummed data comes from: never its result
 UNHASHED = ("out", "threads", "latency", "data_root")
 LATER_KEYS = {"normalize_inputs": True, "keep_best": False, "reinit_init": None, "channels": 0.0, "parameters": 0.0,
-              "prune_every": None, "prune_end": None, "eval_batch_size": 1000}
+              "prune_every": None, "prune_end": None, "eval_batch_size": 1000, "amp": False}
 _TRAINING = {f.name for f in fields(TrainConfig)}
 # the run's own keys first (what to prune, model and data), then the training settings
 FIELDS = {f.name: f for f in sorted(fields(RunConfig), key=lambda f: f.name in _TRAINING)}

@@ -9,10 +9,15 @@ epoch) and the learning rate is a pure function of the step.
 Run folder: ``config.toml``, ``state.json``, ``ckpt-*.safetensors`` (the latest only), ``rewind.safetensors``
 (weights rewound to), ``model.safetensors`` (final weights and masks), ``log.txt``, ``result.json``, and
 while a process runs it, ``LOCK`` (a second process on the same folder is refused; see lock.py).
+
+Under ``torchrun`` a run is data-parallel (docs/distributed.md): every rank builds the same model and data
+and runs the same stages; rank 0 alone writes the folder (``distributed.on_main``) and its pruning
+decisions are broadcast to the others, whose masks are checked after every pruning step and epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -24,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .. import __version__, checkpoint, masking, metrics, pruning, schedules
+from .. import __version__, checkpoint, distributed, masking, metrics, pruning, schedules
 from ..data import dataset_info, load_dataset
 from ..errors import PrunelabError, TrainingDiverged
 from ..methods import check_layers
@@ -176,11 +181,15 @@ class Run:
                  echo: Callable[[str], None] | None = print):
         self.config = resolve(config)
         self.out = Path(self.config.out) if self.config.out else default_out(self.config)
-        self.progress, self.echo = progress, echo
+        self.device = distributed.setup(self.config.device)  # joins torchrun's process group, if any
+        self.main = distributed.is_main()  # rank 0 (or the only process): writes the folder and prints
+        self.progress, self.echo = (progress, echo) if self.main else (False, None)
         self.stages = plan(self.config)
 
     # -- logging -------------------------------------------------------------------------------------
     def log(self, message: str, echo: bool = True) -> None:
+        if not self.main:
+            return
         with open(self.out / "log.txt", "a") as handle:
             handle.write(message + "\n")
         if self.echo and echo:
@@ -223,6 +232,8 @@ class Run:
             raise PrunelabError(f"cannot create the run folder {self.out}: {error.strerror or error}") from None
 
     def _save(self, state: dict, optimizer=None, extra: dict | None = None) -> None:
+        if not self.main:
+            return
         name = f"ckpt-{state['stage']:03d}-{state['epoch']:04d}.safetensors"
         tensors = {**checkpoint.model_tensors(self.model), **(extra or {})}
         rest = {}
@@ -245,10 +256,11 @@ class Run:
         self.started = time.perf_counter()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        state = self._load_state()  # refuses a folder holding another config before any work
+        # refuses a folder holding another config before any work (rank 0 reads it; every rank stops)
+        state = distributed.on_main(self._load_state)
         # model, then data: bad input fails here (cheapest check first), before the run folder is touched
         self.model = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
-                                 init=cfg.init, seed=cfg.seed, **cfg.model_options).to(cfg.device)
+                                 init=cfg.init, seed=cfg.seed, **cfg.model_options).to(self.device)
         masking.require_prunable(self.model)
         method = pruning.get_method(cfg.method)
         params = masking.prunable_parameters(self.model, include_bias=cfg.include_bias)
@@ -265,37 +277,52 @@ class Run:
             if cfg.rewind_iteration > steps:
                 raise PrunelabError(f"rewind_iteration {cfg.rewind_iteration} is past the end of pre-training "
                                     f"({steps} steps)")
-        self._claim_folder(ours=state is not None)
-        with lock.hold(self.out):
-            # read again under the lock: a process that held the folder may have moved the run on
-            return self._continue(self._load_state())
+        with contextlib.ExitStack() as held:
+            def open_folder() -> tuple[dict, dict | None]:  # rank 0 only: the folder's files are its own
+                self._claim_folder(ours=state is not None)
+                held.enter_context(lock.hold(self.out))
+                # read again under the lock: a process that held the folder may have moved the run on
+                return self._open(self._load_state())
 
-    def _continue(self, state: dict | None) -> dict:
-        """Start or resume the run from `state` (None: from the beginning) and finish it."""
+            state, finished = distributed.on_main(open_folder)  # every rank gets rank 0's state
+            if finished is not None:
+                return finished
+            return self._continue(state)
+
+    def _open(self, state: dict | None) -> tuple[dict, dict | None]:
+        """Make the folder ready to start or resume from `state` (None: from the beginning): the state to
+        go on from, or the stored result of a finished run. Rank 0 alone runs this."""
         cfg = self.config
         if state is not None and state.get("checkpoint") is None:
             state = None  # stopped before its first checkpoint: start again
         if state is not None and state["stage"] == len(self.stages) and (self.out / "result.json").exists():
-            return self._finished(state)
+            return state, self._finished(state)
         if state is None:
             state = run_state.fresh(self.config.digest())
             checkpoint.write_json(self.out / "state.json", state)  # the folder is a run folder from now on
         self._clean_leftovers(state)
         checkpoint.atomic_write(self.out / "config.toml", to_toml(cfg))  # (re)written: the folder's record
-        optimizer_state = None
+        processes = f" on {distributed.world_size()} processes" if distributed.active() else ""
         if state["checkpoint"] is None:
             checkpoint.save_model(self.out / "rewind.safetensors", self.model)  # theta_0
             run_state.record(state, self.out, "rewind.safetensors")
             amount = ", ".join(f"{k} {v}" for k, v in cfg.targets().items()) or "the amount it decides"
             target = "" if cfg.method == "none" else f" to {amount} ({cfg.scope}, {cfg.when})"
             self.log(f"prunelab {__version__}: {cfg.model} on {cfg.dataset}, method {cfg.method}{target}, "
-                     f"seed {cfg.seed} -> {self.out}")
+                     f"seed {cfg.seed}{processes} -> {self.out}")
         else:
-            tensors, meta = checkpoint.load_tensors(run_state.verify(state, self.out, state["checkpoint"]))
+            self.log(f"resuming {self.out} at stage {state['stage'] + 1}/{len(self.stages)}, "
+                     f"epoch {state['epoch']}{processes}")
+        return state, None
+
+    def _continue(self, state: dict) -> dict:
+        """Resume the run from `state` (on every rank) and finish it."""
+        optimizer_state = None
+        if state["checkpoint"] is not None:  # rank 0 reads it and hands it on: only its machine needs the folder
+            tensors, meta = distributed.on_main(
+                lambda: checkpoint.load_tensors(run_state.verify(state, self.out, state["checkpoint"])))
             checkpoint.restore_model(self.model, tensors)
             optimizer_state = (tensors, meta.get("optimizer") or None)
-            self.log(f"resuming {self.out} at stage {state['stage'] + 1}/{len(self.stages)}, "
-                     f"epoch {state['epoch']}")
         while state["stage"] < len(self.stages):
             stage = self.stages[state["stage"]]
             if stage.kind == "train":
@@ -307,12 +334,12 @@ class Run:
                 self._rewind(stage, state)
             state["stage"], state["epoch"] = state["stage"] + 1, 0
             self._save(state)
-        return self._finish(state)
+        return distributed.on_main(lambda: self._finish(state))
 
     def _train(self, stage: Stage, state: dict, optimizer_state) -> None:
         cfg = self.config
         trainer = Trainer(self.model, self.train, cfg.train_config(stage.finetune), seed=cfg.seed,
-                          stage=state["stage"], device=cfg.device, progress=self.progress)
+                          stage=state["stage"], device=self.device, progress=self.progress)
         if optimizer_state and optimizer_state[1]:
             checkpoint.restore_optimizer(trainer.optimizer, *optimizer_state)
         if stage.name == "pretrain" and cfg.rewind == "early":
@@ -329,7 +356,8 @@ class Run:
                 self.log(f"{stage.name:>12} epoch {epoch + 1:>3}/{trainer.epochs}  {error}", echo=False)
                 raise
             stats["stage_name"] = stage.name
-            stats.update({f"val_{k}": v for k, v in evaluate(self.model, self.val, device=cfg.device).items()
+            distributed.check_masks(self.model, f"{stage.name} epoch {epoch + 1}")
+            stats.update({f"val_{k}": v for k, v in evaluate(self.model, self.val, device=self.device).items()
                           if k in ("error", "loss")})
             state["seconds"]["train"] += stats["seconds"]
             state["history"].append(stats)
@@ -369,7 +397,7 @@ class Run:
     def _stage_result(self, stage: Stage, state: dict, val_error: float | None = None) -> None:
         """Where a training stage left the model (reported, never used to choose anything)."""
         cfg = self.config
-        test = evaluate(self.model, self.test, device=cfg.device)
+        test = evaluate(self.model, self.test, device=self.device)
         summary = metrics.sparsity_summary(self.model)
         if val_error is None and state["history"]:
             val_error = state["history"][-1]["val_error"]
@@ -398,6 +426,8 @@ class Run:
                                          end=end, every=every, **common, **dict(cfg.method_options))
         if state.get("during") is not None:
             schedule.load(state["during"], optimizer_state[0] if optimizer_state else {})
+        if distributed.active():  # rank 0's decisions bind every rank (see prunelab.distributed)
+            schedule = distributed.Synced(schedule)
         schedule.attach(trainer.optimizer)
         trainer.step_hooks.append(lambda _step: schedule.step())
         return schedule
@@ -405,12 +435,12 @@ class Run:
     def _errors_now(self, event: dict) -> dict:
         """Validation and test error right after a pruning event (reported, never used to decide)."""
         cfg = self.config
-        val = evaluate(self.model, self.val, device=cfg.device)["error"] if len(self.val) else None
-        return {"val_error": val, "test_error": evaluate(self.model, self.test, device=cfg.device)["error"]}
+        val = evaluate(self.model, self.val, device=self.device)["error"] if len(self.val) else None
+        return {"val_error": val, "test_error": evaluate(self.model, self.test, device=self.device)["error"]}
 
     def _snapshot_at(self, step: int, state: dict):
         def hook(current: int) -> None:
-            if current == step:
+            if current == step and self.main:
                 checkpoint.save_model(self.out / "rewind.safetensors", self.model)
                 run_state.record(state, self.out, "rewind.safetensors")  # binding at this epoch's checkpoint
         return hook
@@ -444,7 +474,9 @@ class Run:
 
     def _prune(self, stage: Stage, state: dict) -> None:
         cfg = self.config
-        event = self._rounds().prune_round(stage.round)
+        event = self._rounds().prune_round(stage.round)  # every rank, on the same examples
+        distributed.sync_model(self.model)  # rank 0's masks and weights bind every rank
+        distributed.check_masks(self.model, stage.name)
         state["seconds"]["prune"] += event["seconds"]
         state["prune_events"].append({"stage": stage.name, **{k: v for k, v in event.items() if k != "round"}})
         self.log(f"{stage.name:>12} {cfg.method}: kept {event['kept']:,} of {event['total']:,} prunable weights "
@@ -461,13 +493,17 @@ class Run:
             init = cfg.reinit_init or cfg.init
             options = {k: v for k, v in cfg.model_options.items() if k != "init_bias"}
             fresh = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
-                                init=init, seed=seed, **options).to(cfg.device)
+                                init=init, seed=seed, **options).to(self.device)
             tensors, what = fresh.state_dict(), f"re-initialised ({init}, seed {seed})"
-        else:
-            tensors, _ = checkpoint.load_tensors(run_state.verify(state, self.out, "rewind.safetensors"))
+        else:  # rank 0 reads the file it wrote; the others get its weights from sync_model
+            tensors = checkpoint.load_tensors(run_state.verify(state, self.out, "rewind.safetensors"))[0] \
+                if self.main else None
             what = f"rewound ({cfg.rewind})"
-        weights = {k: v.to(cfg.device) for k, v in tensors.items() if not k.startswith(checkpoint.MASK_PREFIX)}
-        schedules.rewind(self.model, weights)
+        if tensors is not None:
+            weights = {k: v.to(self.device) for k, v in tensors.items() if not k.startswith(checkpoint.MASK_PREFIX)}
+            schedules.rewind(self.model, weights)
+        distributed.sync_model(self.model)
+        distributed.check_masks(self.model, stage.name)
         self.log(f"{stage.name:>12} weights {what}, masks kept")
 
     def _compact(self, model, example) -> dict:
@@ -475,7 +511,7 @@ class Run:
         from .. import structure
 
         cfg = self.config
-        small, report = structure.compact(model, self.test.inputs[:64].to(cfg.device),
+        small, report = structure.compact(model, self.test.inputs[:64].to(self.device),
                                           name=cfg.model, options=dict(cfg.model_options))
         costs = structure.structured_metrics(model, small, example, latency=cfg.latency)
         structure.save_compact(self.out / "compact.safetensors", small, report.plan)
@@ -492,9 +528,9 @@ class Run:
     def _finish(self, state: dict) -> dict:
         cfg = self.config
         model = self.model
-        test = evaluate(model, self.test, device=cfg.device)
-        val = evaluate(model, self.val, device=cfg.device)
-        example = self.test.inputs[:1].to(cfg.device)
+        test = evaluate(model, self.test, device=self.device)
+        val = evaluate(model, self.val, device=self.device)
+        example = self.test.inputs[:1].to(self.device)
         flops, per_module = metrics.flop_summary(model, example)
         result = {
             "schema": RESULT_SCHEMA,
@@ -516,7 +552,7 @@ class Run:
             "config": asdict(cfg),
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "threads": torch.get_num_threads(), "device": cfg.device,
-                            "cpu_count": os.cpu_count()},
+                            "processes": distributed.world_size(), "cpu_count": os.cpu_count()},
         }
         if cfg.latency:
             result["latency_ms"] = {"batch": 1, "threads": 1,

@@ -55,9 +55,10 @@ class Iterative(Schedule):
     """
 
     def __init__(self, model: nn.Module, method: str = "magnitude", *, sparsity: float | None = None,
-                 channels: float | None = None, rounds: int = 1, epochs_per_round: int | None = None,
-                 rewind: str = "none", rewind_step: int = 0, data=None, seed: int = 0, scope: str | None = None,
-                 include_bias: bool = False, loss_fn=None, get_logits=None, **options):
+                 channels: float | None = None, parameters: float | None = None, rounds: int = 1,
+                 epochs_per_round: int | None = None, rewind: str = "none", rewind_step: int = 0, data=None,
+                 seed: int = 0, scope: str | None = None, include_bias: bool = False, loss_fn=None,
+                 get_logits=None, **options):
         super().__init__(model)
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise PrunelabError(f"rounds must be a positive integer, got {rounds!r}")
@@ -68,7 +69,8 @@ class Iterative(Schedule):
         self.method = pruning.get_method(method)
         self.eligible = pop_eligibility(options)  # include=/exclude=: which parameters may be pruned
         self.method.parse_options(options)  # a bad option fails here, not at the first round
-        self.kind, total = pruning.check_target(self.method, sparsity=sparsity, channels=channels)
+        self.kind, total = pruning.check_target(self.method, sparsity=sparsity, channels=channels,
+                                                 parameters=parameters)
         self.targets = [None] * rounds if self.kind is None else round_targets(total, rounds)
         self.rounds, self.epochs_per_round = rounds, epochs_per_round
         self.rewind_mode, self.rewind_step = rewind, rewind_step
