@@ -10,7 +10,7 @@ your training loop, ``prunelab.structure`` removes pruned channels physically.
 
 __version__ = "0.2.0"
 
-from . import masking, metrics, schedules, structure
+from . import distributed, masking, metrics, schedules, structure
 from .checkpoint import load_model, save_model
 from .data import ArrayDataset, list_datasets, load_dataset
 from .data.feed import Feed
@@ -25,7 +25,7 @@ from .training import TrainConfig, Trainer, evaluate
 
 __all__ = [
     "ArrayDataset", "Feed", "LayerCollapseWarning", "Method", "Options", "PruneReport", "PrunelabError",
-    "TrainConfig", "Trainer", "TrainingDiverged", "build_model", "compact", "evaluate", "get_method",
+    "TrainConfig", "Trainer", "TrainingDiverged", "build_model", "compact", "distributed", "evaluate", "get_method",
     "list_datasets", "list_methods", "list_models", "load_compact", "load_dataset", "load_model",
     "make_permanent", "masking", "masks", "metrics", "option", "prune", "register", "save_compact",
     "save_model", "schedules", "scores", "structure",
