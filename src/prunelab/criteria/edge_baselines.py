@@ -16,7 +16,8 @@ PFEC, the fourth competitor, is ``pfec`` in ``criteria/filters.py``.
   the same propagation as iSparse, ``isparse.Significance``, with each layer normalised, which does not
   change a ranking). The final-response importance is 1 per output unit (``output="ones"``) or its mean
   |activation| on the data (``"activation"``), a proxy for the paper's Inf-FS feature ranking. In every
-  safe layer the round(sparsity * n) least important neurons/channels are removed (at least one kept),
+  safe layer (as ``pfec``; attention heads excepted) the round(sparsity * n) least important
+  neurons/channels are removed (at least one kept),
   the output layer never; ``sparsity`` is thus a fraction of *channels*, as for ``pfec``. Masks as
   ``pfec``: the filter, its bias and BatchNorm entries, and the readers' input slices.
 * ``dropconnect``: Wan et al., "Regularization of Neural Networks using DropConnect", ICML 2013, used
@@ -41,7 +42,7 @@ from ..methods import Method, register
 from ..options import Options, option
 from ..selection import check_sparsity
 from .baselines import random_scores
-from .filters import lowest_channels
+from .filters import channel_groups, lowest_channels
 from .isparse import OUTPUTS, Significance, check_choice, edge_scores, layer_statistics, scoring_inputs
 from .snip import check_positive_int
 
@@ -71,10 +72,22 @@ def retrain_free_scores(model, params, *, data, generator, examples=RetrainFreeO
 
 # --- NISP -------------------------------------------------------------------------------------------------
 
+def nisp_groups(model: nn.Module, graph: structure.ChannelGraph, params=None) -> list[int]:
+    """The groups NISP prunes: the channel groups of ``pfec`` (shared layers and models without a prunable
+    group refused in one line), attention heads excepted (NISP's propagation is over neurons)."""
+    chosen = channel_groups(model, graph, params, "nisp")
+    plain = [g for g in chosen if graph.groups[g].heads is None]
+    if not plain:
+        raise PrunelabError(f"nisp: no layer can lose channels (the prunable groups are attention heads, e.g. "
+                            f"{graph.groups[chosen[0]].heads!r}, which NISP's neuron propagation does not cover)")
+    return plain
+
+
 def neuron_importance(model: nn.Module, graph: structure.ChannelGraph, *, data, generator: torch.Generator,
                       output: str = NispOptions.output, examples: int = NispOptions.examples,
-                      batch_size: int = NispOptions.batch_size) -> dict[int, torch.Tensor]:
-    """``{group index: importance per channel}`` of every safe group (NISP's s_k, each layer summing to 1)."""
+                      batch_size: int = NispOptions.batch_size, groups=None) -> dict[int, torch.Tensor]:
+    """``{group index: importance per channel}`` of every safe group, or of ``groups`` (NISP's s_k, each
+    layer summing to 1)."""
     check_choice("nisp", "output", output, OUTPUTS)
     batch_size = check_positive_int("nisp", "batch_size", batch_size)
     means = {}
@@ -84,7 +97,9 @@ def neuron_importance(model: nn.Module, graph: structure.ChannelGraph, *, data, 
         _, means = layer_statistics(model, {}, scoring_inputs(data, generator, examples, "nisp"), batch_size,
                                     outputs, output)
     significance = Significance(model, graph, "nisp", output, means)
-    return {g: significance.of_group(g) for g, group in enumerate(graph.groups) if group.safe}
+    if groups is None:
+        groups = [g for g, group in enumerate(graph.groups) if group.safe and group.heads is None]
+    return {g: significance.of_group(g) for g in groups}
 
 
 def nisp_masks(model: nn.Module, sparsity: float, *, example: torch.Tensor, data, generator: torch.Generator,
@@ -94,10 +109,8 @@ def nisp_masks(model: nn.Module, sparsity: float, *, example: torch.Tensor, data
     index is kept). Channels already dead stay dead and count toward the target (as ``pfec``)."""
     sparsity = check_sparsity(sparsity)
     graph = structure.channel_graph(model, example)
-    importance = neuron_importance(model, graph, data=data, generator=generator, **options)
-    if params is not None:
-        importance = {g: v for g, v in importance.items()
-                      if param_name(graph.groups[g].layers[0].module, "weight") in params}
+    importance = neuron_importance(model, graph, data=data, generator=generator,
+                                   groups=nisp_groups(model, graph, params), **options)
     removed = lowest_channels(model, graph, importance, sparsity, alive)
     return structure.channel_masks(model, graph, removed, alive=alive, mask_bias=mask_bias)
 
@@ -118,7 +131,7 @@ def nisp_check_structure(model: nn.Module, params: Mapping[str, torch.Tensor], d
     """NISP's propagation on the weights alone (output "ones"; ``data`` only gives the traced example):
     refuses a residual net before training."""
     graph = structure.channel_graph(model, example_input(model, data, None, "nisp"))
-    neuron_importance(model, graph, data=None, generator=None)
+    neuron_importance(model, graph, data=None, generator=None, groups=nisp_groups(model, graph, params))
 
 
 def nisp_scores(model, params, *, data, generator, input_shape=None, output=NispOptions.output,
@@ -126,7 +139,7 @@ def nisp_scores(model, params, *, data, generator, input_shape=None, output=Nisp
     """Each weight of a safe layer scored by the importance of the neuron/filter it belongs to (inspection)."""
     graph = structure.channel_graph(model, example_input(model, data, input_shape, "nisp"))
     importance = neuron_importance(model, graph, data=data, generator=generator, output=output,
-                                   examples=examples, batch_size=batch_size)
+                                   examples=examples, batch_size=batch_size, groups=nisp_groups(model, graph, params))
     scores = {}
     for g, value in importance.items():
         layer = graph.groups[g].layers[0]
@@ -147,7 +160,7 @@ register(Method(
 register(Method(
     "nisp", "neuron importance propagated from the output with |W|; least important neurons/channels "
     "per layer (Yu et al. 2018)", nisp_scores, scope="layer", when="trained", pruner=nisp_pruner,
-    structured=True, options=NispOptions, layers=(nn.Linear, nn.Conv2d), targets=("channels",),
+    structured=True, options=NispOptions, layers=(nn.Linear, nn.Conv1d, nn.Conv2d), targets=("channels",),
     check_structure=nisp_check_structure, paper="Yu et al., CVPR 2018"))
 register(Method(
     "dropconnect", "random edges, the same fraction in every layer, no retraining (Wan et al. 2013 as "

@@ -38,8 +38,13 @@ Details, as in the official code (``pruner/GraSP.py``, ``main_prune_non_imagenet
   scoring copy with Xavier-normal before scoring (so the fc masks are scored on other weights than the
   ones trained); here every layer is scored on the model's own weights.
 
-H g differentiates through cuDNN RNNs only with cuDNN off, so on a GPU the scoring runs with cuDNN
-disabled for recurrent models.
+H g needs a second derivative of every operation on the path. Scoring therefore runs attention
+(``torch.nn.functional.scaled_dot_product_attention``, which ``nn.MultiheadAttention`` and Hugging Face
+models call) on its math backend, because the fused flash / memory-efficient kernels have no double
+backward, with ``nn.MultiheadAttention``'s fused inference path off, and recurrent models with cuDNN
+disabled on a GPU (cuDNN RNNs have no double backward). The math backend computes the same attention
+(to rounding) and is used only while scoring. An operation that still has no second derivative is
+refused in one line naming it.
 """
 
 from __future__ import annotations
@@ -50,12 +55,14 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import PrunelabError
 from ..methods import Method, register
 from ..options import Options, option
 from ..data import feed
-from .snip import BN_MODES, check_bn_mode, check_positive_int, loss_gradients, require_data, scoring_mode
+from .snip import (BN_MODES, attention_slow_path, check_bn_mode, check_positive_int, loss_gradients, require_data,
+                   scoring_mode)
 
 
 def balanced_batches(data, generator: torch.Generator, samples_per_class: int,
@@ -96,6 +103,34 @@ def _halves(inputs: torch.Tensor, targets: torch.Tensor):
     return [(feed.take(inputs, first), targets[first]), (feed.take(inputs, second), targets[second])]
 
 
+@contextlib.contextmanager
+def twice_differentiable(model: nn.Module):
+    """Kernels with a double backward for H g: attention on SDPA's math backend and on
+    ``nn.MultiheadAttention``'s Python path; recurrent layers without cuDNN."""
+    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    no_cudnn = torch.backends.cudnn.flags(enabled=False) if recurrent else contextlib.nullcontext()
+    with sdpa_kernel(SDPBackend.MATH), attention_slow_path(), no_cudnn:
+        yield
+
+
+def _hessian_product(model, params, g, inputs, targets, data, temperature) -> list[torch.Tensor]:
+    """∇(gᵀ ∇L) on one batch, g held fixed: a Hessian-vector product by double backward."""
+    weights = list(params.values())
+    try:
+        grads = loss_gradients(model, params, inputs, targets, data=data, temperature=temperature,
+                               create_graph=True)
+        z = sum((fixed * grad).sum() for fixed, grad in zip(g, grads))
+        if not z.requires_grad:  # the gradient does not depend on the weights: H g = 0
+            return [torch.zeros_like(w) for w in weights]
+        return list(torch.autograd.grad(z, weights, allow_unused=True, materialize_grads=True))
+    except (RuntimeError, NotImplementedError) as error:
+        if "not implemented" not in str(error) and "differentiate twice" not in str(error):  # once_differentiable
+            raise
+        first = str(error).strip().splitlines()[0]
+        raise PrunelabError(f"grasp needs second derivatives (a Hessian-vector product) and the model uses an "
+                            f"operation without one: {first}") from None
+
+
 @dataclass(frozen=True)
 class GraspOptions(Options):
     samples_per_class: int = option(10, "examples of every class in a scoring batch", low=1)
@@ -116,10 +151,8 @@ def grasp_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, 
     data = require_data(data, "grasp")
     drawn = balanced_batches(data, generator, samples_per_class, iterations)
     weights = list(params.values())
-    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
-    no_cudnn = torch.backends.cudnn.flags(enabled=False) if recurrent else contextlib.nullcontext()
     halves = [half for inputs, targets in drawn for half in _halves(inputs, targets)]
-    with scoring_mode(model, params, bn_mode), no_cudnn:
+    with scoring_mode(model, params, bn_mode), twice_differentiable(model):
         # g: the gradient summed over all half-batches (the official code's first pass)
         g = [torch.zeros_like(w) for w in weights]
         for inputs, targets in halves:
@@ -128,11 +161,7 @@ def grasp_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data, 
         # H g: for each half-batch, differentiate z = gᵀ ∇L_half once more
         hg = [torch.zeros_like(w) for w in weights]
         for inputs, targets in halves:
-            grads = loss_gradients(model, params, inputs, targets, data=data, temperature=temperature,
-                                   create_graph=True)
-            z = sum((fixed * grad).sum() for fixed, grad in zip(g, grads))
-            products = torch.autograd.grad(z, weights, allow_unused=True, materialize_grads=True)
-            for total, product in zip(hg, products):
+            for total, product in zip(hg, _hessian_product(model, params, g, inputs, targets, data, temperature)):
                 total += product.detach()
     return {name: (w.detach() * product).cpu().to(torch.float64)
             for (name, w), product in zip(params.items(), hg)}

@@ -63,7 +63,7 @@ from ..data.feed import as_feed, example_input
 from ..errors import PrunelabError
 from ..methods import Method, register
 from ..options import Options, option
-from .snip import check_positive_int, scoring_mode
+from .snip import attention_owner, attention_slow_path, check_positive_int, scoring_mode, tied_elsewhere
 
 MODES = ("sparsify-with", "train-with")
 IMPORTANCE = ("propagated", "ones")
@@ -108,7 +108,9 @@ def when_from(options: Mapping[str, Any]) -> str:
 # --- the pieces -------------------------------------------------------------------------------------------
 
 def scored_layers(model: nn.Module, params: Mapping[str, torch.Tensor], method: str) -> dict[str, nn.Module]:
-    """``{module name: module}`` owning the scored parameters; only Linear and Conv2d (groups=1) qualify."""
+    """``{module name: module}`` owning the scored parameters; only Linear and Conv2d (groups=1) qualify,
+    and only where a hook on the layer sees its inputs: not ``nn.MultiheadAttention``'s ``out_proj`` (the
+    attention reads its weight directly) and not a weight tied to another layer's."""
     layers = {}
     for name in params:
         module_name, _, local = name.rpartition(".")
@@ -118,6 +120,14 @@ def scored_layers(model: nn.Module, params: Mapping[str, torch.Tensor], method: 
             kind = type(module).__name__ + (f"(groups={module.groups})" if isinstance(module, nn.Conv2d) else "")
             raise PrunelabError(f"{method} scores the edges of Linear and Conv2d layers; {name} belongs to "
                                 f"{kind} {module_name!r}, which is not supported")
+        attention = attention_owner(model, module)
+        if attention is not None:
+            raise PrunelabError(f"{method}: {module_name} is used inside MultiheadAttention {attention!r}, which "
+                                "reads its weight directly, so its inputs cannot be measured as a Linear's")
+        tie = tied_elsewhere(model, name)
+        if tie is not None:
+            raise PrunelabError(f"{method}: {name} is tied to {tie}, another layer's weight; the inputs of one "
+                                "layer cannot score a weight two layers use")
         layers[module_name] = module
     return layers
 
@@ -170,7 +180,9 @@ def layer_statistics(model: nn.Module, layers: Mapping[str, nn.Module], inputs: 
     handles = [m.register_forward_pre_hook(input_hook(n)) for n, m in layers.items()]
     handles += [m.register_forward_hook(output_hook(n)) for n, m in outputs.items()]
     try:
-        with scoring_mode(model, {}, "eval"):  # no dropout, BatchNorm running statistics, all restored
+        # no dropout, BatchNorm running statistics, all restored; attention's fused inference path would
+        # skip Linear.forward (and so the hooks)
+        with scoring_mode(model, {}, "eval"), attention_slow_path():
             for chunk in feed.chunks(inputs, batch_size):
                 feed.call(model, feed.to_model(model, chunk))
     finally:
@@ -212,19 +224,26 @@ class Significance:
     def check(self, g: int) -> structure.ChannelGroup:
         """Refuse channel groups with no single producing layer (residual adds, shortcuts, other layers)."""
         group = self.graph.groups[g]
+        chain = f"{self.method} propagates significance along plain Conv2d/Linear chains"
+        heads = getattr(group, "heads", None)
+        if heads is not None:  # the query/key/value layers of one attention module write these channels
+            raise PrunelabError(f"{chain}; the channels of {group.root!r} are the heads of attention {heads!r} "
+                                "(written by its query, key and value layers), which is not supported")
         writers = [s.module for s in group.layers]
+        blocked = getattr(group, "blocked", None)
+        if len(writers) > 1 and blocked is not None:  # a shared module writes them (several calls), not an add
+            raise PrunelabError(f"{chain}; the channels of {group.root!r} are written by {', '.join(writers)}: "
+                                f"{blocked}, which is not supported")
         if len(writers) > 1:
-            raise PrunelabError(f"{self.method} propagates significance along plain Conv2d/Linear chains; the "
-                                f"channels of {group.root!r} are written by {len(writers)} layers "
+            raise PrunelabError(f"{chain}; the channels of {group.root!r} are written by {len(writers)} layers "
                                 f"({', '.join(writers[:4])}{', ...' if len(writers) > 4 else ''}: a residual "
                                 f"addition), which is not supported")
         odd = [s for s in group.producers + group.consumers if s.kind not in ("conv", "linear", "norm")]
         if odd:
             s = odd[0]
             kind = type(self.model.get_submodule(s.module)).__name__
-            raise PrunelabError(f"{self.method} propagates significance along plain Conv2d/Linear chains; the "
-                                f"channels of {group.root!r} pass through {kind} {s.module!r}, which is not "
-                                f"supported")
+            raise PrunelabError(f"{chain}; the channels of {group.root!r} pass through {kind} {s.module!r}, which "
+                                "is not supported")
         return group
 
     def of_group(self, g: int) -> torch.Tensor:

@@ -4,8 +4,10 @@ Liebenwein, Baykal, Lang, Feldman & Rus, "Provable Filter Pruning for Efficient 
 ICLR 2020 (arXiv 1911.07412). The algorithm follows the authors' code (lucaslie/torchprune, release
 af46c3b), as restated in docs/methods/pfp.md; the paper's own equations were not available.
 
-**Unit.** An *input channel* j of each Conv2d/Linear layer l: a channel of a conv's input, a neuron of
-a Linear layer's input. Removing it zeroes the slice W_l[:, j]; the channel (filter / neuron of the
+**Unit.** An *input channel* j of each Conv2d/Conv1d/Linear layer l: a channel of a conv's input, a
+neuron of a Linear layer's input (a Conv1d is scored as a Conv2d of height 1; grouped convs are refused).
+The layer reading a Hugging Face self-attention has one unit per *head* (the channel graph's head units),
+so heads are kept or dropped whole. Removing it zeroes the slice W_l[:, j]; the channel (filter / neuron of the
 previous layer) that produced it is then removed too when no other layer reads it (section 2.2,
 "propagation"; here computed exactly from the traced channel graph, `prunelab.structure`, instead of
 the code's "zero gradient on a few batches" test, so a residual channel is removed only when every
@@ -178,6 +180,10 @@ def _layer_terms(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]
     """(A, patches): the layer input as rows of a matrix A (Q, K) with K = weight columns, and P."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, module.in_features), 1
+    if isinstance(module, nn.Conv1d):  # a Conv1d is a Conv2d of height 1
+        cols = F.unfold(x.unsqueeze(2), (1, module.kernel_size[0]), (1, module.dilation[0]),
+                        (0, module.padding[0]), (1, module.stride[0]))
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]), cols.shape[2]
     cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, CK, P)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1]), cols.shape[2]
 
@@ -368,15 +374,21 @@ def _column_units(module: nn.Module, units_of_input: torch.Tensor) -> torch.Tens
     """Unit of each weight column (conv: input channel x kernel offset) from the unit of each input."""
     if isinstance(module, nn.Linear):
         return units_of_input
-    per_channel = module.kernel_size[0] * module.kernel_size[1]
+    per_channel = math.prod(module.kernel_size)
     return units_of_input.repeat_interleave(per_channel)
 
 
 def _check_layer(name: str, module: nn.Module) -> None:
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        raise PrunelabError(f"pfp: grouped convolution {name} is not supported")
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise PrunelabError(f"pfp supports Linear and Conv2d layers; {name} is {type(module).__name__}")
+    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        raise PrunelabError(f"pfp supports Linear, Conv1d and Conv2d layers; {name} is {type(module).__name__}")
+    if isinstance(module, nn.Linear):
+        return
+    if module.groups != 1:
+        raise PrunelabError(f"pfp: {name} is a grouped convolution (groups={module.groups}): its sensitivities "
+                            f"are defined for dense layers only (exclude it, e.g. exclude={name!r})")
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        raise PrunelabError(f"pfp: {name} pads with padding={module.padding!r}, padding_mode="
+                            f"{module.padding_mode!r}; pfp needs numeric zero padding")
 
 
 @torch.no_grad()
@@ -393,7 +405,7 @@ def empirical_sensitivity(model: nn.Module, inputs: torch.Tensor, layers: list[s
     """
     named = dict(model.named_modules())
     if layers is None:
-        layers = [n for n, m in named.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        layers = [n for n, m in named.items() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     best: dict[str, torch.Tensor] = {}
     column_units: dict[str, torch.Tensor] = {}
     device = next(model.parameters()).device
@@ -543,13 +555,18 @@ class PFPPlan:
         return {l.name: l.kept_units(math.log(epsilon)) for l in self._selector.layers}
 
 
+def _default_batch(example) -> int:
+    """PFP's batch sizes: 64 for single-channel inputs (MNIST), else 128 (also for dicts of inputs)."""
+    return 64 if torch.is_tensor(example) and example.dim() > 1 and example.shape[1] == 1 else 128
+
+
 def _draw_inputs(data, points: int, generator: torch.Generator):
     """S: ``points`` inputs drawn without replacement (all of them, in order, when the data holds no more)."""
     return as_feed(data).draw(points, generator).inputs
 
 
 def _layers(model: nn.Module, params: Mapping[str, torch.Tensor], graph: structure.ChannelGraph,
-            example: torch.Tensor) -> list[_Layer]:
+            example) -> list[_Layer]:
     named = dict(model.named_modules())
     chosen = []
     for name, module in named.items():
@@ -568,6 +585,11 @@ def _layers(model: nn.Module, params: Mapping[str, torch.Tensor], graph: structu
         return hook
 
     run_with_hooks(model, example, [named[n].register_forward_hook(record(n)) for n in chosen])
+    for name in chosen:
+        if name not in shapes:
+            raise PrunelabError(f"pfp: layer {name!r} is not called as a module in the forward pass (its weight "
+                                f"is read by another module, such as nn.MultiheadAttention's out_proj); "
+                                f"exclude it (exclude={name!r})")
     layers = []
     for name in chosen:
         module = named[name]
@@ -592,8 +614,8 @@ def _layers(model: nn.Module, params: Mapping[str, torch.Tensor], graph: structu
         if isinstance(module, nn.Linear):
             kernel, patches = per_unit, 1
         else:
-            kernel = module.kernel_size[0] * module.kernel_size[1] * per_unit
-            patches = shapes[name][2] * shapes[name][3]
+            kernel = math.prod(module.kernel_size) * per_unit
+            patches = math.prod(shapes[name][2:])
         eta = int(math.prod(shapes[name][1:]))
         layers.append(_Layer(name, module, n_units, feature_units, unit_features, patches, kernel, eta, group))
     if not layers:
@@ -793,7 +815,7 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
     started = time.perf_counter()
     example = example_input(model, data, what="pfp")
     if batch_size is None:
-        batch_size = 64 if example.shape[1] == 1 else 128
+        batch_size = _default_batch(example)
     graph = structure.channel_graph(model, example)
     layers = _layers(model, params, graph, example)
     timings["graph"] = time.perf_counter() - started
@@ -822,7 +844,7 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
         layer.round_to = round_to
 
     selector = _Selector(model, params, graph, layers, alive, mode, mask_bias, target, generator)
-    result = _allocate(selector, sparsity, int(inputs.shape[0]))
+    result = _allocate(selector, sparsity, feed.count(inputs))
     timings["allocation"] = time.perf_counter() - started
     result.seconds = timings
     return result
@@ -894,7 +916,7 @@ def pfp_scores(model, params, *, data, generator, points=None, batch_size=None, 
     if data is None:
         raise PrunelabError("method 'pfp' needs data to score (pass data=...)")
     example = example_input(model, data, what="pfp")
-    batch_size = batch_size or (64 if example.shape[1] == 1 else 128)
+    batch_size = batch_size or _default_batch(example)
     graph = structure.channel_graph(model, example)
     layers = _layers(model, params, graph, example)
     if points is None:
@@ -913,6 +935,6 @@ def pfp_scores(model, params, *, data, generator, points=None, batch_size=None, 
 
 register(Method("pfp", "Provable Filter Pruning: data-informed channel sensitivity, one error level for all "
                        "layers (Liebenwein et al.)", pfp_scores, scope="global", when="trained", needs_data=True,
-                options=PfpOptions, pruner=pfp_pruner, structured=True, layers=(nn.Linear, nn.Conv2d),
+                options=PfpOptions, pruner=pfp_pruner, structured=True, layers=(nn.Linear, nn.Conv1d, nn.Conv2d),
                 targets=("sparsity", "parameters"), target_options={"parameters": {"target": "all"}},
                 paper="Liebenwein et al., ICLR 2020"))

@@ -61,6 +61,7 @@ from ..masking import param_name
 from ..hooks import run_with_hooks
 from ..methods import Method, register
 from ..options import Options, option
+from .snip import attention_owner, attention_slow_path, tied_elsewhere
 
 CONV_REDUCE = ("fro", "fro_of_mean", "sum")
 SELECTION = ("paper", "code")
@@ -195,7 +196,11 @@ def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: 
                 x_abs = x.abs()
                 total = x_abs.sum(0)
                 s.count += x.shape[0]
-                s.out_hw = output.shape[-2] * output.shape[-1]
+                hw = output.shape[-2] * output.shape[-1]
+                if s.out_hw and hw != s.out_hw:  # one layer applied to maps of two sizes
+                    raise PrunelabError(f"relief: conv layer {name!r} runs on inputs of different sizes, so its "
+                                        "activity has no single shape to score")
+                s.out_hw = hw
                 if conv_fro:
                     with torch.no_grad():
                         norms = _slice_norm_sums(module, x_abs.cpu())
@@ -203,8 +208,14 @@ def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: 
             s.abs_sum = total if s.abs_sum is None else s.abs_sum + total
         return record
 
-    run_with_hooks(model, inputs, [*hooks, *(m.register_forward_hook(hook(n)) for n, m in layers.items())],
-                   batch_size=batch_size)
+    with attention_slow_path():  # the fused inference path skips Linear.forward (and so the hooks)
+        run_with_hooks(model, inputs, [*hooks, *(m.register_forward_hook(hook(n)) for n, m in layers.items())],
+                       batch_size=batch_size)
+    missed = [n for n, s in stats.items() if s.count == 0]
+    if missed:
+        more = f" (and {len(missed) - 1} more)" if len(missed) > 1 else ""
+        raise PrunelabError(f"relief: layer {missed[0]!r}{more} did not run in the forward pass on the pruning "
+                            "set, so its input activity cannot be measured")
     return stats
 
 
@@ -269,7 +280,11 @@ class ReliefReport:
 
 
 def _layers(model: nn.Module, params) -> dict[str, nn.Module]:
-    """The Linear / Conv2d modules whose weight is prunable; anything else prunable is refused."""
+    """The Linear / Conv2d modules whose weight is prunable and whose inputs a forward hook on the layer
+    sees; anything else is refused, naming the layer and why, before any work.
+
+    A layer called several times (one Linear applied twice) is scored on all its inputs together: a
+    neuron's activity is the mean over every input it received."""
     modules = dict(model.named_modules())
     layers = {}
     for name in params:
@@ -283,6 +298,14 @@ def _layers(model: nn.Module, params) -> dict[str, nn.Module]:
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
             raise PrunelabError(f"relief: conv layer {owner!r} has groups={module.groups}, "
                                 f"padding_mode={module.padding_mode!r}; only groups=1 with zero padding is supported")
+        attention = attention_owner(model, module)
+        if attention is not None:
+            raise PrunelabError(f"relief: {owner} is used inside MultiheadAttention {attention!r}, which reads its "
+                                "weight directly, so relief cannot measure its inputs as a Linear's")
+        tie = tied_elsewhere(model, name)
+        if tie is not None:
+            raise PrunelabError(f"relief: {name} is tied to {tie}, another layer's weight; relief measures each "
+                                "layer's inputs separately and cannot score a weight two layers use")
         layers[owner] = module
     if not layers:
         raise PrunelabError("relief: the model has no prunable Linear or Conv2d layer")
@@ -305,10 +328,15 @@ class _Masks:
 
     def __init__(self, model: nn.Module, alive: Mapping[str, torch.Tensor] | None):
         self.params = dict(model.named_parameters())
+        first: dict[int, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):  # an alias maps to the first name
+            first.setdefault(id(p), n)
+        self.canonical = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
         self.alive = alive or {}
         self.masks: dict[str, torch.Tensor] = {}
 
     def get(self, name: str) -> torch.Tensor:
+        name = self.canonical.get(name, name)
         if name not in self.masks:
             base = self.alive.get(name)
             self.masks[name] = (base.detach().to("cpu", torch.bool).clone() if base is not None
@@ -317,6 +345,7 @@ class _Masks:
 
     def merge(self, update: Mapping[str, torch.Tensor]) -> None:
         for name, mask in update.items():
+            name = self.canonical.get(name, name)
             self.masks[name] = self.get(name) & mask.to("cpu", torch.bool)
 
     def apply(self, model: nn.Module) -> None:

@@ -126,6 +126,43 @@ def scoring_batches(data, generator: torch.Generator, *, batch_size: int | None,
 
 
 @contextlib.contextmanager
+def attention_slow_path() -> Iterator[None]:
+    """``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` on their Python path: their inference
+    fast path (eval mode without gradients) runs fused kernels that skip the submodules' forward (so
+    hooks on ``linear1`` never fire) and have no gradient."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def attention_owner(model: nn.Module, module: nn.Module) -> str | None:
+    """The name of the ``nn.MultiheadAttention`` whose ``out_proj`` ``module`` is (it reads the Linear's
+    weight directly, never calling its forward), else None."""
+    for name, owner in model.named_modules():
+        if isinstance(owner, nn.MultiheadAttention) and owner.out_proj is module:
+            return name
+    return None
+
+
+def tied_elsewhere(model: nn.Module, name: str) -> str | None:
+    """Another name of parameter ``name`` held by a *different* module (a tied weight), else None; a module
+    registered twice (the same layer under two names) is not a tie."""
+    holders = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for local, p in module.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((masking.param_name(module_name, local), module))
+    for found in holders.values():
+        names = [n for n, _ in found]
+        if name in names:
+            first = found[names.index(name)][1]
+            return next((n for n, m in found if m is not first), None)
+    return None
+
+
+@contextlib.contextmanager
 def scoring_mode(model: nn.Module, params: Mapping[str, nn.Parameter], bn_mode: str = "eval",
                  restore_buffers: bool = True) -> Iterator[None]:
     """Put ``model`` in scoring mode and restore it exactly afterwards.

@@ -30,6 +30,11 @@ S on the current masks). Details:
   (a sequence of ints, or a string "1,28,28" / "1x28x28" from the command line); else from one example
   of ``data`` if given (the lab always passes the training set); else from a ``input_shape`` attribute
   of the model; else a PrunelabError asks for it.
+* Token ids and dicts of inputs (docs/methods/grasp-synflow.md): an example's entries become ones in their
+  dtype, and every embedding is a Linear layer on the all-ones vector (its output is 1ᵀ|E|).
+* Refused, naming the layer (the flow is defined for positively homogeneous networks): attention, a
+  softmax, LayerNorm-like normalisation, a layer that a saturating activation cuts off from the flow, and
+  a negative R. A layer that cannot reach the output at all gets no flow and is simply pruned first.
 """
 
 from __future__ import annotations
@@ -39,14 +44,20 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .. import masking, selection
-from ..data.feed import as_feed, parse_shape
+from ..data import feed
+from ..data.feed import Inputs, as_feed, parse_shape
 from ..errors import PrunelabError
 from ..methods import Method, register
 from ..options import Options, option
-from .snip import check_positive_int, scoring_mode
+from .snip import attention_slow_path, check_positive_int, scoring_mode
+
+
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
 def resolve_input_shape(model: nn.Module, data, input_shape) -> tuple[int, ...]:
@@ -61,8 +72,39 @@ def resolve_input_shape(model: nn.Module, data, input_shape) -> tuple[int, ...]:
     return parse_shape(input_shape, "synflow")
 
 
-def _linearised_copy(model: nn.Module, alive: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A float64 copy, without masks, whose masked weights are 0 and every other value is |value|."""
+def all_ones_input(model: nn.Module, data, input_shape) -> Inputs:
+    """The all-ones input, a batch of one: float ones of ``input_shape`` if given, else of the shape of one
+    example of ``data``, else of ``model.input_shape``. Integer inputs of a model with embeddings stay
+    integers (token id 1; the embeddings' outputs are replaced, see `_feed_embeddings_ones`), and a dict
+    of inputs (Hugging Face) becomes ones in each entry's dtype (the attention mask attends everywhere)."""
+    if input_shape is None and data is not None:
+        example = as_feed(data).example()
+        if isinstance(example, Mapping):
+            return {key: torch.ones_like(value) for key, value in example.items()}
+        if not example.is_floating_point() and _has_embedding(model):
+            return torch.ones_like(example)
+        return torch.ones((1, *example.shape[1:]))  # the example is drawn once (a generator's too)
+    return torch.ones((1, *resolve_input_shape(model, None, input_shape)))
+
+
+def _has_embedding(model: nn.Module) -> bool:
+    return any(isinstance(m, _EMBEDDINGS) for m in model.modules())
+
+
+def _feed_embeddings_ones(clone: nn.Module) -> None:
+    """Make every embedding of ``clone`` a Linear layer on the all-ones input: an embedding is a Linear
+    map of a one-hot vector, so the all-ones vector reaching it gives 1ᵀ|E| (the column sums of |E|) at
+    every position, whatever the ids. The ids are replaced by 0 first, so any input indexes validly."""
+    for module in clone.modules():
+        if isinstance(module, _EMBEDDINGS):
+            module.register_forward_pre_hook(
+                lambda m, args: (torch.zeros_like(args[0], dtype=torch.long), *args[1:]))
+            module.register_forward_hook(lambda m, args, out: m.weight.sum(0).expand(out.shape))
+
+
+def _linearised_copy(model: nn.Module, alive: Mapping[str, torch.Tensor], absolute: bool = True) -> nn.Module:
+    """A float64 copy, without masks, whose masked weights are 0 and every other value is |value|
+    (``absolute=False``: the values themselves)."""
     clone = copy.deepcopy(model)
     masking.remove(clone)
     reference = next(clone.parameters())
@@ -71,32 +113,137 @@ def _linearised_copy(model: nn.Module, alive: Mapping[str, torch.Tensor]) -> nn.
     with torch.no_grad():
         for name, mask in alive.items():
             params[name].mul_(mask.to(params[name].device, torch.float64))
-        for tensor in [*clone.parameters(), *clone.buffers()]:
+        for tensor in [*clone.parameters(), *clone.buffers()] if absolute else []:
             if tensor.is_floating_point():
                 tensor.abs_()
+    _feed_embeddings_ones(clone)
     return clone
 
 
-def _saliency(clone: nn.Module, params: Mapping[str, nn.Parameter], ones: torch.Tensor) -> dict[str, torch.Tensor]:
-    """S = θ ⊙ dR/dθ with R the sum of the outputs on the all-ones input."""
+# operations the all-ones probe of the |w| network cannot rank weights through (module doc), and why
+_ATTENTION = ("computes attention: every position of the all-ones input is the same, so the attention weights "
+              "ignore the queries and keys, which get no synaptic flow")
+_NORMALISING = "divides out the scale of its input, so the flow does not rank the weights before it"
+_NOT_HOMOGENEOUS = {
+    F.scaled_dot_product_attention: _ATTENTION, F.multi_head_attention_forward: _ATTENTION,
+    **dict.fromkeys((F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax,
+                     torch.Tensor.log_softmax),
+                    "applies a softmax: its outputs sum to 1 whatever the weights before it, so the flow does "
+                    "not rank them"),
+    **dict.fromkeys((F.layer_norm, F.group_norm, F.instance_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else [])),
+                    "applies a normalisation that " + _NORMALISING),
+}
+
+
+class _OperationProbe(TorchFunctionMode):
+    """Records the first operation of ``_NOT_HOMOGENEOUS`` called, and the innermost module calling it."""
+
+    def __init__(self, stack: list[str]):
+        super().__init__()
+        self.stack, self.found = stack, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.found is None and func in _NOT_HOMOGENEOUS:
+            self.found = (self.stack[-1] if self.stack else "", _NOT_HOMOGENEOUS[func])
+        return func(*args, **(kwargs or {}))
+
+
+def _refuse_not_homogeneous(clone: nn.Module, ones: Inputs) -> None:
+    """Refuse a model whose forward pass on the all-ones input goes through attention, a softmax or a
+    scale-removing normalisation (LayerNorm, GroupNorm): SynFlow's flow is defined for positively
+    homogeneous networks, and through these the flow of the weights before them is meaningless."""
+    stack: list[str] = []
+    handles = []
+    for name, module in clone.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: stack.append(name)))
+        handles.append(module.register_forward_hook(lambda m, args, out: _pop(stack)))
+    probe = _OperationProbe(stack)
+    try:
+        with torch.no_grad(), attention_slow_path(), scoring_mode(clone, {}, "eval", restore_buffers=False), probe:
+            feed.call(clone, ones)
+    except Exception:  # noqa: BLE001 - the scoring pass itself reports a model that cannot run
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if probe.found is not None:
+        module, why = probe.found
+        raise PrunelabError(f"synflow: {module or 'the model'!s} {why} (the synaptic flow is defined for positively "
+                            "homogeneous networks)")
+
+
+def _pop(stack: list[str]) -> None:
+    if stack:
+        stack.pop()
+
+
+def _refuse_dead_flow(model, params, alive, ones, saliency, get_logits) -> None:
+    """Refuse a prunable tensor that gets no synaptic flow at all although its weights are not zero and do
+    reach the output: a saturating activation (ReLU6, tanh, sigmoid) on its path cuts the all-ones signal,
+    so SynFlow would rank its weights by nothing. A tensor that cannot reach the output (no gradient with
+    the signed weights either) is left alone: pruning it first is right."""
+    dead = [name for name, score in saliency.items() if not bool(score.any()) and bool(params[name].detach().any())]
+    if not dead:
+        return
+    signed = _linearised_copy(model, alive, absolute=False)
+    named = dict(signed.named_parameters())
+    weights = {name: named[name] for name in dead}
+    with scoring_mode(signed, weights, "eval", restore_buffers=False):
+        output = _forward(signed, ones, get_logits).sum()
+        grads = torch.autograd.grad(output, list(weights.values()), allow_unused=True, materialize_grads=True)
+    for name, grad in zip(dead, grads):
+        if bool(grad.any()):
+            raise PrunelabError(f"synflow: no synaptic flow reaches {name} on the all-ones input, although its "
+                                "weights affect the output: a saturating activation (ReLU6, tanh, sigmoid) on its "
+                                "path cuts the signal, so SynFlow cannot rank them")
+
+
+def _forward(clone: nn.Module, ones: Inputs, get_logits) -> torch.Tensor:
+    """The clone's logits on the all-ones input; a model that cannot take it is refused in one line."""
+    try:
+        return get_logits(feed.call(clone, ones))
+    except PrunelabError:
+        raise
+    except (RuntimeError, IndexError, TypeError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise PrunelabError(f"synflow: the model cannot take the all-ones input {_describe(ones)} "
+                            f"({type(error).__name__}: {first}); give input_shape") from None
+
+
+def _describe(inputs: Inputs) -> str:
+    if isinstance(inputs, Mapping):
+        return "{" + ", ".join(f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in inputs.items()) + "}"
+    return f"{tuple(inputs.shape)} {inputs.dtype}"
+
+
+def _saliency(clone: nn.Module, params: Mapping[str, nn.Parameter], ones: Inputs,
+              get_logits=feed.default_logits) -> dict[str, torch.Tensor]:
+    """S = θ ⊙ dR/dθ with R the sum of the outputs (the logits) on the all-ones input."""
     with scoring_mode(clone, params, "eval", restore_buffers=False):
-        output = clone(ones)
-        flow = output.sum()
+        flow = _forward(clone, ones, get_logits).sum()
         grads = torch.autograd.grad(flow, list(params.values()), allow_unused=True, materialize_grads=True)
     if not torch.isfinite(flow):
         raise PrunelabError(f"synflow: the synaptic flow R overflowed float64 ({float(flow)}) on this model")
+    if flow < 0:
+        raise PrunelabError(f"synflow: the synaptic flow R = {float(flow):.3g} of the |w| network on the all-ones "
+                            "input is negative: a layer that is not positively homogeneous flips the signal")
     return {name: (p.detach() * g).abs().cpu() for (name, p), g in zip(params.items(), grads)}
 
 
 def _prepare(model, params, alive, data, input_shape):
-    shape = resolve_input_shape(model, data, input_shape)
+    inputs = all_ones_input(model, data, input_shape)
     alive = dict(alive or {})
     clone = _linearised_copy(model, alive)
+    inputs = feed.to_model(clone, inputs)
+    _refuse_not_homogeneous(clone, inputs)
     named = dict(clone.named_parameters())
     clone_params = {name: named[name] for name in params}
-    device = next(clone.parameters()).device
-    ones = torch.ones((1, *shape), dtype=torch.float64, device=device)
-    return clone, clone_params, alive, ones
+    return clone, clone_params, alive, inputs
+
+
+def _logits_of(data):
+    """The data's logits adapter (a Hugging Face output's ``.logits``), or the default."""
+    return data.get_logits if isinstance(data, feed.Feed) else feed.default_logits
 
 
 @dataclass(frozen=True)
@@ -112,8 +259,11 @@ class SynflowOptions(Options):
 def synflow_scores(model: nn.Module, params: Mapping[str, nn.Parameter], *, data=None,
                    input_shape=None, **_) -> dict[str, torch.Tensor]:
     """One round of synaptic saliency S = |θ| ⊙ dR/d|θ| on the model as masked now (higher = keep)."""
-    clone, clone_params, _, ones = _prepare(model, params, masking.masks(model), data, input_shape)
-    return _saliency(clone, clone_params, ones)
+    alive = masking.masks(model)
+    clone, clone_params, alive, ones = _prepare(model, params, alive, data, input_shape)
+    saliency = _saliency(clone, clone_params, ones, _logits_of(data))
+    _refuse_dead_flow(model, clone_params, alive, ones, saliency, _logits_of(data))
+    return saliency
 
 
 def _round_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
@@ -161,7 +311,9 @@ def synflow_pruner(model: nn.Module, params: Mapping[str, nn.Parameter], *, spar
         with torch.no_grad():
             for name, p in clone_params.items():
                 p.copy_(base[name] * current[name].to(p.device, p.dtype))
-        saliency = _saliency(clone, clone_params, ones)
+        saliency = _saliency(clone, clone_params, ones, _logits_of(data))
+        if k == 1:
+            _refuse_dead_flow(model, clone_params, alive, ones, saliency, _logits_of(data))
         if k < rounds and scope == "global":
             current = _round_masks(saliency, target, current, intermediate_count)
         else:  # the last round (and layer-wise scope) through the library's exact selection

@@ -7,7 +7,8 @@ the same function, so that the speed-up can be measured. One job per module:
 
 * :mod:`.graph`: the channel (coupling) graph, :func:`channel_graph`;
 * :mod:`.channels`: channel masks, :func:`channel_masks`;
-* :mod:`.layers`: :class:`GatheredConv2d` / :class:`GatheredLinear`, layers reading a subset of their inputs;
+* :mod:`.layers`: :class:`GatheredConv1d` / :class:`GatheredConv2d` / :class:`GatheredLinear`, layers reading a
+  subset of their inputs;
 * :mod:`.removable`: which channels can be removed exactly, and folding the constants they carry;
 * :mod:`.compaction`: :func:`compact` (the cut, the re-indexed masks, the plan) and the equivalence check;
 * :mod:`.files`: :func:`save_compact` / :func:`load_compact`, without pickle.
@@ -20,9 +21,11 @@ from ..metrics import compare_latency, structured_metrics
 from .channels import channel_masks
 from .compaction import PLAN_FORMAT, CompactReport, compact, equivalence
 from .files import apply_plan, load_compact, save_compact
-from .graph import ChannelGraph, ChannelGroup, Slice, channel_graph, shortcut_destination
-from .layers import GatheredConv2d, GatheredLinear
+from .graph import (ChannelGraph, ChannelGroup, Slice, attention_modules, channel_graph, is_depthwise,
+                    shortcut_destination)
+from .layers import GatheredConv1d, GatheredConv2d, GatheredLinear
 
-__all__ = ["PLAN_FORMAT", "ChannelGraph", "ChannelGroup", "CompactReport", "GatheredConv2d", "GatheredLinear",
-           "Slice", "apply_plan", "channel_graph", "channel_masks", "compact", "compare_latency", "equivalence",
-           "load_compact", "save_compact", "shortcut_destination", "structured_metrics"]
+__all__ = ["PLAN_FORMAT", "ChannelGraph", "ChannelGroup", "CompactReport", "GatheredConv1d", "GatheredConv2d",
+           "GatheredLinear", "Slice", "apply_plan", "attention_modules", "channel_graph", "channel_masks", "compact",
+           "compare_latency", "equivalence", "is_depthwise", "load_compact", "save_compact", "shortcut_destination",
+           "structured_metrics"]

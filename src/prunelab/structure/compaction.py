@@ -4,7 +4,14 @@
 constants some of them carry into the readers' biases), cuts them out with torch-pruning, and carries
 the surviving masks over. Layers left with zero input slices for channels that others still read
 become Gathered layers (``gather_inputs``, see :mod:`.layers`). The result is checked against the
-masked model on a probe batch.
+masked model on the example batch (and, for a floating-point tensor input, on a seeded normal batch of
+its shape), output by output: a tensor, a tuple/list, a dict or a Hugging Face ``ModelOutput``.
+
+The example may be a batch tensor or a dict of keyword tensors (``model(**example)``, Hugging Face
+style). Whole attention heads of a Hugging Face style self-attention (BERT) are removed: the query, key
+and value rows of the head and the output layer's columns, and the attention module's
+``num_attention_heads`` / ``all_head_size`` follow. A removal torch-pruning cannot carry out is refused
+in one line (the input model is never modified).
 
 The steps, in order: :func:`~.removable.trace`, :func:`~.removable.constant_channels`,
 :func:`~.removable.removable_channels`, :func:`~.removable.fold_constants`, :func:`remove_channels`,
@@ -20,9 +27,10 @@ import torch
 from torch import nn
 
 from .. import masking
+from ..data import feed
 from ..errors import PrunelabError
 from ..masking import param_name
-from .graph import ChannelGroup
+from .graph import ChannelGroup, check_example, set_heads
 from .layers import _GATHERED, _gather_inputs, _used_inputs
 from .removable import Flags, Traced, constant_channels, fold_constants, removable_channels, trace
 
@@ -46,13 +54,14 @@ class CompactReport:
         return dict(self.__dict__)
 
 
-def compact(model: nn.Module, example_input: torch.Tensor, tolerance: float = 1e-5, *,
+def compact(model: nn.Module, example_input, tolerance: float = 1e-5, *,
             name: str | None = None, options: Mapping[str, Any] | None = None,
             seed: int = 0, gather_inputs: bool = True) -> tuple[nn.Module, CompactReport]:
     """A physically smaller copy of a channel-masked model that computes the same outputs.
 
-    ``example_input``: a batch the model accepts (traced, and used as the probe for the equivalence
-    check together with a seeded standard-normal batch of the same shape). ``name``/``options``: the
+    ``example_input``: a batch the model accepts, a tensor or a dict of keyword tensors (traced, and used
+    as the probe for the equivalence check; a floating-point tensor is joined by a seeded standard-normal
+    batch of its shape; integer inputs such as token ids are probed with the example only). ``name``/``options``: the
     ``build_model`` name and keyword options of the architecture, recorded in the plan so that
     :func:`load_compact` can rebuild it. ``gather_inputs``: layers left with zero input slices read only
     their used channels (see the module docstring). The input model is not modified. Masks of surviving
@@ -82,27 +91,37 @@ def compact(model: nn.Module, example_input: torch.Tensor, tolerance: float = 1e
 
 # --- the steps ----------------------------------------------------------------------------------------------
 
-def _copies(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+def _copies(model: nn.Module, example_input) -> tuple[nn.Module, nn.Module, Any]:
     """The masked reference, the copy to cut (masks made permanent, eval mode) and the example on its device."""
-    if not torch.is_tensor(example_input) or example_input.dim() < 2:
-        raise PrunelabError("example_input must be a batch tensor (N, ...) that the model accepts")
+    check_example(example_input)
     if any(isinstance(m, tuple(_GATHERED.values())) for m in model.modules()):
         raise PrunelabError("this model is already compact (it has gathered layers); compact the masked model")
     reference = masking.copy_model(model).eval()
     small = masking.copy_model(model)
     masking.make_permanent(small)  # the masked weights are exact zeros from here on
     small.eval()
-    return reference, small, example_input.to(next(small.parameters()).device)
+    return reference, small, feed.to_model(small, example_input)
 
 
 def remove_channels(traced: Traced, removed: Flags) -> list[list]:
-    """Cut the removed channels out with torch-pruning; its pruning history (the plan's replay list)."""
+    """Cut the removed channels out with torch-pruning; its pruning history (the plan's replay list).
+    Attention modules that lost heads get their head count updated."""
     dg = traced.graph._dg
     for g, group in enumerate(traced.groups):
         channels = _chosen(removed[g])
-        if channels:
-            root = traced.modules[group.root]
-            dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, channels).prune()
+        if not channels:
+            continue
+        root = traced.modules[group.root]
+        own = next((s for s in group.producers if s.module == group.root), None)
+        positions = sorted({i for r in channels for i in own.index[r]}) if own is not None else channels
+        try:
+            dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, positions).prune()
+        except Exception as error:  # torch-pruning's failures come in every type: one line, naming the layer
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise PrunelabError(f"compact: torch-pruning cannot remove channels of {group.root!r}: "
+                                f"{type(error).__name__}: {first}") from None
+        if group.heads is not None:
+            set_heads(traced.graph._model, group.heads)
     return [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in dg.pruning_history()]
 
 
@@ -138,25 +157,38 @@ def gather_used_inputs(small: nn.Module, masks: dict[str, torch.Tensor]) -> dict
     return gathered
 
 
-def make_plan(reference: nn.Module, example: torch.Tensor, name: str | None, options: Mapping[str, Any] | None,
+def make_plan(reference: nn.Module, example, name: str | None, options: Mapping[str, Any] | None,
               history: list[list], gathered: dict[str, list[int]], kept: dict[str, dict[str, list[int]]]) -> dict:
-    """What :func:`~.files.load_compact` needs to rebuild the compact model from ``build_model``."""
+    """What :func:`~.files.load_compact` needs to rebuild the compact model from ``build_model``.
+
+    ``input_shape`` (one example's shape) and ``input_dtype`` describe a tensor input; a dict of keyword
+    inputs is described by ``inputs`` ({name: {"shape", "dtype"}}) instead."""
     with torch.no_grad():
-        out_ref = reference(example)
-        num_classes = int(out_ref.shape[-1]) if out_ref.dim() >= 2 else None
-    return {
+        try:
+            out_ref = feed.default_logits(feed.call(reference, example))
+        except PrunelabError:
+            out_ref = None
+        num_classes = int(out_ref.shape[-1]) if out_ref is not None and out_ref.dim() >= 2 else None
+    plan = {
         "format": PLAN_FORMAT,
         "model": name,
         "model_options": dict(options or {}),
         "num_classes": num_classes,
-        "input_shape": [int(d) for d in example.shape[1:]],
         "history": history,
         "kept": kept,
         "gathered": gathered,
     }
+    if torch.is_tensor(example):
+        plan["input_shape"] = [int(d) for d in example.shape[1:]]
+        if example.dtype != torch.float32:
+            plan["input_dtype"] = str(example.dtype).removeprefix("torch.")
+    else:
+        plan["inputs"] = {k: {"shape": [int(d) for d in v.shape[1:]], "dtype": str(v.dtype).removeprefix("torch.")}
+                          for k, v in example.items()}
+    return plan
 
 
-def verify(reference: nn.Module, small: nn.Module, example: torch.Tensor, tolerance: float,
+def verify(reference: nn.Module, small: nn.Module, example, tolerance: float,
            seed: int) -> tuple[float, float]:
     """(max |difference|, max |reference output|) on the probes; raises if beyond the tolerance."""
     diff, scale = _equivalence(reference, small, example, seed)
@@ -166,30 +198,69 @@ def verify(reference: nn.Module, small: nn.Module, example: torch.Tensor, tolera
     return diff, scale
 
 
-def equivalence(reference: nn.Module, small: nn.Module, example: torch.Tensor, seed: int = 0) -> float:
-    """Largest |reference(x) - small(x)| over ``example`` and a seeded normal batch of its shape (eval
-    mode, modes restored). inf when the output shapes differ."""
+def equivalence(reference: nn.Module, small: nn.Module, example, seed: int = 0) -> float:
+    """Largest |reference(x) - small(x)| over every output tensor, on ``example`` (a tensor or a dict of
+    keyword tensors) and, for a floating-point tensor example, a seeded normal batch of its shape (eval
+    mode, modes restored). inf when the outputs differ in structure or shape."""
     return _equivalence(reference, small, example, seed)[0]
 
 
+def probes(example, seed: int = 0) -> list:
+    """The batches the equivalence check runs: the example, and for a floating-point tensor a seeded
+    standard-normal batch of its shape (never for token ids or dicts of inputs: random ids or masks
+    are not inputs the model takes)."""
+    found = [example]
+    if torch.is_tensor(example) and example.is_floating_point():
+        generator = torch.Generator().manual_seed(seed)
+        found.append(torch.randn(example.shape, generator=generator).to(example.device, example.dtype))
+    return found
+
+
+def output_tensors(output, path: str = "output") -> list[tuple[str, torch.Tensor | None]]:
+    """The tensors of a model's output, each with its path: a tensor, a tuple/list, a dict or a
+    ``ModelOutput`` (a dict), nested; other leaves (None, numbers) as None."""
+    if torch.is_tensor(output):
+        return [(path, output)]
+    if isinstance(output, Mapping):
+        return [item for k, v in output.items() for item in output_tensors(v, f"{path}[{k!r}]")]
+    if isinstance(output, (tuple, list)):
+        return [item for i, v in enumerate(output) for item in output_tensors(v, f"{path}[{i}]")]
+    return [(path, None)]
+
+
 @torch.no_grad()
-def _equivalence(reference: nn.Module, small: nn.Module, example: torch.Tensor, seed: int) -> tuple[float, float]:
-    generator = torch.Generator().manual_seed(seed)
-    probes = [example, torch.randn(example.shape, generator=generator).to(example.device, example.dtype)]
+def _equivalence(reference: nn.Module, small: nn.Module, example, seed: int) -> tuple[float, float]:
     modes = [(m, m.training) for net in (reference, small) for m in net.modules()]
     reference.eval()
     small.eval()
     worst, scale = 0.0, 0.0
     try:
-        for x in probes:
-            a, b = reference(x), small(x)
-            if a.shape != b.shape:
+        for x in probes(example, seed):
+            a = output_tensors(feed.call(reference, x))
+            try:
+                b = output_tensors(feed.call(small, x))
+            except Exception as error:  # a cut the model's own code does not follow (a reshape by a fixed size)
+                first = (str(error).strip().splitlines() or [""])[0]
+                raise PrunelabError(f"compact: the compact {type(small).__name__} fails on the probe batch: "
+                                    f"{type(error).__name__}: {first}") from None
+            if [p for p, _ in a] != [p for p, _ in b]:
                 return float("inf"), scale
-            d = float((a - b).abs().max()) if a.numel() else 0.0
-            if d != d:  # NaN
-                return float("inf"), scale
-            worst = max(worst, d)
-            scale = max(scale, float(a.abs().max()) if a.numel() else 0.0)
+            for (_, ta), (_, tb) in zip(a, b):
+                if ta is None or tb is None:
+                    continue
+                if ta.shape != tb.shape or ta.dtype != tb.dtype:
+                    return float("inf"), scale
+                if not ta.numel():
+                    continue
+                if not ta.is_floating_point():
+                    if not torch.equal(ta, tb):
+                        return float("inf"), scale
+                    continue
+                d = float((ta.double() - tb.double()).abs().max())
+                if d != d:  # NaN
+                    return float("inf"), scale
+                worst = max(worst, d)
+                scale = max(scale, float(ta.abs().max()))
     finally:
         for m, mode in modes:
             m.train(mode)

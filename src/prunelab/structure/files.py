@@ -37,15 +37,30 @@ def save_compact(path: str | os.PathLike, small_model: nn.Module, plan: Mapping[
     checkpoint.save_tensors(path, checkpoint.model_tensors(small_model), {"compact": plan})
 
 
+def _plan_example(plan: Mapping[str, Any], device) -> Any:
+    """A batch of one to trace the rebuilt model with: zeros of the recorded shape(s) and dtype(s)."""
+    def zeros(shape, dtype):
+        return torch.zeros(1, *shape, dtype=getattr(torch, dtype or "float32"), device=device)
+
+    if plan.get("inputs"):
+        return {k: zeros(v["shape"], v.get("dtype")) for k, v in plan["inputs"].items()}
+    return zeros(plan["input_shape"], plan.get("input_dtype"))
+
+
 def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
     """Replay a compaction plan's channel removals on a freshly built model (in place)."""
-    example = torch.zeros(1, *plan["input_shape"], device=next(model.parameters()).device)
+    from .graph import attention_modules, set_heads
+
+    example = _plan_example(plan, next(model.parameters()).device)
     dg = _dependency_graph(model, example)
     for module_name, is_out, idxs in plan["history"]:
         module = _submodule(model, module_name)
         pruner = dg.get_pruner_of_module(module)
         fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
         dg.get_pruning_group(module, fn, [int(i) for i in idxs]).prune()
+    for attention, ((query, _, _), size) in attention_modules(model).items():
+        if _submodule(model, query).out_features != getattr(model.get_submodule(attention), "all_head_size", None):
+            set_heads(model, attention)
     for module_name, index in (plan.get("gathered") or {}).items():
         module = _submodule(model, module_name)
         if type(module) not in _GATHERED:
@@ -66,9 +81,23 @@ def check_plan(plan: Mapping[str, Any], where: Any) -> None:
     def bad(problem: str) -> PrunelabError:
         return PrunelabError(f"{where}: corrupt compaction plan ({problem})")
 
-    shape = plan.get("input_shape")
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise bad(f"input_shape must be a list of positive integers, got {shape!r}")
+    def shape_ok(shape) -> bool:
+        return isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)
+
+    def dtype_ok(dtype) -> bool:
+        return dtype is None or (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype))
+
+    inputs = plan.get("inputs")
+    if inputs is not None:
+        if not isinstance(inputs, dict) or not inputs or not all(
+                isinstance(v, dict) and shape_ok(v.get("shape")) and dtype_ok(v.get("dtype")) for v in inputs.values()):
+            raise bad("inputs must map input names to {'shape': [int, ...], 'dtype': str}")
+    else:
+        shape = plan.get("input_shape")
+        if not shape_ok(shape) or not shape:
+            raise bad(f"input_shape must be a list of positive integers, got {shape!r}")
+        if not dtype_ok(plan.get("input_dtype")):
+            raise bad(f"input_dtype must name a torch dtype, got {plan.get('input_dtype')!r}")
     history = plan.get("history")
     if not isinstance(history, list):
         raise bad(f"history must be a list, got {type(history).__name__}")

@@ -7,6 +7,12 @@ eps)) with the running statistics in eval mode, carried through residual adds) t
 exactly into the bias of each reader: a Linear, or a conv without padding (with zero padding the
 constant's contribution is not uniform at the borders). A constant channel that cannot be folded (a
 padded conv reading it, a reader without bias, a shortcut) is kept and reported.
+
+A depthwise conv on the way writes a constant only when its own filter is zero (its output is then its
+bias); with a non-zero filter a constant input is not uniform at zero-padded borders. In an attention
+heads group the value rows decide: a head whose value rows are zero outputs its value bias at every
+position (the attention weights sum to 1), whatever its query and key rows; the unit removed is a
+whole head.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..data.feed import take
 from ..hooks import run_with_hooks
 from .graph import ChannelGraph, ChannelGroup, Slice, shortcut_destination, channel_graph
 
@@ -38,11 +45,11 @@ class Traced:
         return self.graph.groups
 
 
-def trace(small: nn.Module, example: torch.Tensor) -> Traced:
+def trace(small: nn.Module, example) -> Traced:
     """The channel graph of ``small``, its readers' inputs on two examples, and the shortcut links."""
     graph = channel_graph(small, example)
     readers = [s.module for g in graph.groups for s in g.consumers if s.kind in ("conv", "linear", "shortcut")]
-    return Traced(graph, dict(small.named_modules()), _capture_inputs(small, readers, example[:2]),
+    return Traced(graph, dict(small.named_modules()), _capture_inputs(small, readers, take(example, slice(0, 2))),
                   _shortcut_links(graph.groups, "consumers"), _shortcut_links(graph.groups, "producers"))
 
 
@@ -51,7 +58,7 @@ def _shortcut_links(groups: list[ChannelGroup], side: str) -> dict[tuple[str, in
             if s.kind == "shortcut" for r, ix in enumerate(s.index) for i in ix}
 
 
-def _capture_inputs(model: nn.Module, modules: Iterable[str], example: torch.Tensor) -> dict[str, torch.Tensor]:
+def _capture_inputs(model: nn.Module, modules: Iterable[str], example) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     hooks = []
     for name in set(modules):
@@ -73,15 +80,20 @@ def constant_channels(traced: Traced) -> Flags:
             if group.has_other:
                 continue
             for r in range(group.size):
-                if not constant[g][r] and all(_writes_constant(traced, constant, s, r) for s in group.producers):
+                if not constant[g][r] and all(_writes_constant(traced, constant, s, r, group)
+                                              for s in group.producers):
                     constant[g][r] = changed = True
         if not changed:
             break
     return constant
 
 
-def _writes_constant(traced: Traced, constant: Flags, s: Slice, r: int) -> bool:
-    if s.kind in ("conv", "linear"):
+def _writes_constant(traced: Traced, constant: Flags, s: Slice, r: int, group: ChannelGroup | None = None) -> bool:
+    if group is not None and group.heads is not None and s.kind == "linear":
+        if s.module != f"{group.heads}.value".lstrip("."):
+            return True  # query/key rows only weigh the positions; the value rows decide what is written
+        return _all_zero(traced.modules[s.module].weight[list(s.index[r])])
+    if s.kind in ("conv", "linear", "depthwise"):
         return _all_zero(traced.modules[s.module].weight[list(s.index[r])])
     if s.kind == "shortcut":
         sc = traced.modules[s.module]
