@@ -170,7 +170,18 @@ def test_masks_follow_device_moves():
     masking.attach(model, half_masks(model))
     model.to(torch.float64)
     wanted = prunelab.masks(model)
-    assert model[0].weight_mask.dtype == torch.float64  # the mask follows its weight: no cast per use
+    assert model[0].weight_mask.dtype == torch.bool  # a dtype change leaves the bool mask alone
     assert all(m.dtype == torch.bool for m in wanted.values())
     train_steps(model.float(), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     assert_pruned_zero(model, wanted)
+
+
+def test_mask_memory_is_a_byte_per_weight():
+    """Masks are bool buffers: at most 0.3x of the parameters' memory (float32 weights: 0.25x)."""
+    model = prunelab.build_model("lenet300-100", seed=0)
+    prunelab.prune(model, "magnitude", 0.95)
+    buffers = [b for n, b in model.named_buffers() if n.endswith(masking.MASK_SUFFIX)]
+    mask_bytes = sum(b.numel() * b.element_size() for b in buffers)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert buffers and all(b.dtype == torch.bool for b in buffers)
+    assert mask_bytes <= 0.3 * param_bytes
