@@ -25,8 +25,8 @@ from .training import TrainConfig, Trainer, evaluate
 
 __all__ = [
     "ArrayDataset", "Feed", "LayerCollapseWarning", "Method", "Options", "PruneReport", "PrunelabError",
-    "TrainConfig", "Trainer", "TrainingDiverged", "build_model", "compact", "distributed", "evaluate", "get_method", "inference",
-    "list_datasets", "list_methods", "list_models", "load_compact", "load_dataset", "load_model",
-    "make_permanent", "masking", "masks", "metrics", "option", "prune", "register", "save_compact",
-    "save_model", "schedules", "scores", "sparse", "structure",
+    "TrainConfig", "Trainer", "TrainingDiverged", "build_model", "compact", "distributed", "evaluate", "get_method",
+    "inference", "list_datasets", "list_methods", "list_models", "load_compact", "load_dataset", "load_model",
+    "make_permanent", "masking", "masks", "metrics", "option", "prune", "register", "save_compact", "save_model",
+    "schedules", "scores", "sparse", "structure",
 ]
