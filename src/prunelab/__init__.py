@@ -10,7 +10,7 @@ your training loop, ``prunelab.structure`` removes pruned channels physically.
 
 __version__ = "0.2.0"
 
-from . import distributed, inference, masking, metrics, schedules, sparse, structure
+from . import distributed, export, inference, masking, metrics, schedules, sparse, structure
 from .checkpoint import load_model, save_model
 from .data import ArrayDataset, list_datasets, load_dataset
 from .data.feed import Feed
@@ -25,8 +25,8 @@ from .training import TrainConfig, Trainer, evaluate
 
 __all__ = [
     "ArrayDataset", "Feed", "LayerCollapseWarning", "Method", "Options", "PruneReport", "PrunelabError",
-    "TrainConfig", "Trainer", "TrainingDiverged", "build_model", "compact", "distributed", "evaluate", "get_method",
-    "inference", "list_datasets", "list_methods", "list_models", "load_compact", "load_dataset", "load_model",
-    "make_permanent", "masking", "masks", "metrics", "option", "prune", "register", "save_compact", "save_model",
-    "schedules", "scores", "sparse", "structure",
+    "TrainConfig", "Trainer", "TrainingDiverged", "build_model", "compact", "distributed", "evaluate", "export",
+    "get_method", "inference", "list_datasets", "list_methods", "list_models", "load_compact", "load_dataset",
+    "load_model", "make_permanent", "masking", "masks", "metrics", "option", "prune", "register", "save_compact",
+    "save_model", "schedules", "scores", "sparse", "structure",
 ]

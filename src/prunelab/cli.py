@@ -1,4 +1,4 @@
-"""Command line: ``prunelab run``, ``prunelab list``, ``prunelab study``, ``prunelab report``.
+"""Command line: ``prunelab run``, ``prunelab list``, ``prunelab study``, ``prunelab report``, ``prunelab export``.
 
 Every ``RunConfig`` key is a flag (``sparsity`` -> ``--sparsity``, booleans also as ``--no-...``,
 the option tables as repeated ``--model-option KEY=VALUE`` / ``--method-option KEY=VALUE``). Bad input
@@ -29,7 +29,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prunelab", description="Neural-network pruning lab.")
     parser.add_argument("--version", action="version", version=f"prunelab {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser,
-                                     metavar="{run,list,plot,figure,study,report}")
+                                     metavar="{run,list,plot,figure,study,report,export}")
 
     run = commands.add_parser(
         "run", help="train / prune / evaluate one configuration",
@@ -72,6 +72,17 @@ def _build_parser() -> argparse.ArgumentParser:
     figures.add_arguments(commands.add_parser("figure", help="paper figures (snip: SNIP's per-pixel "
                                                              "retained connections, PNG)"))
     _add_study_commands(commands)
+    export = commands.add_parser(
+        "export", help="export a finished run's model: ONNX (checked with ONNX Runtime) or torch.export",
+        description="Export the final model of a finished run folder (its compact model when the run made "
+                    "one, else the masked model with its masks folded in) and check the file against PyTorch "
+                    "(docs/export.md).")
+    export.add_argument("run_dir", help="a finished run folder (holds config.toml and model.safetensors)")
+    export.add_argument("--format", default="onnx", choices=("onnx", "torch"),
+                        help="onnx (default; needs the onnx extra) | torch (a torch.export .pt2 archive)")
+    export.add_argument("--out", default=None, help="file to write (default: RUN_DIR/model.onnx or "
+                                                    "RUN_DIR/compact.onnx, .pt2 for torch)")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     return parser
 
 
@@ -249,6 +260,16 @@ def _run_config(args: argparse.Namespace):
     return make_config(values)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export, run_model
+
+    model, dense, example, stem = run_model(args.run_dir)
+    out = args.out or f"{args.run_dir.rstrip('/')}/{stem}.{'onnx' if args.format == 'onnx' else 'pt2'}"
+    report = export(model, example, out, format=args.format, opset=args.opset, dense=dense)
+    print(report.line())
+    return 0
+
+
 def _list(what: str) -> int:
     if what == "models":
         from .models import list_models
@@ -289,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return figures.run_cli(args)
         if args.command == "study":
             return _study(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "report":
             from .study import write_report
             print(f"wrote {write_report(args.study_dir, args.references)}")
