@@ -12,10 +12,12 @@ from .arrays import ArrayDataset
 from .registry import (
     DatasetInfo,
     DatasetSplits,
+    FactoryDataset,
     dataset_info,
     default_root,
     list_datasets,
     load_dataset,
+    load_factory_dataset,
     split_indices,
 )
 
@@ -23,9 +25,11 @@ __all__ = [
     "ArrayDataset",
     "DatasetInfo",
     "DatasetSplits",
+    "FactoryDataset",
     "dataset_info",
     "default_root",
     "list_datasets",
     "load_dataset",
+    "load_factory_dataset",
     "split_indices",
 ]

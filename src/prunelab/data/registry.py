@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import PrunelabError, unknown
 from . import cache, cifar, idx
@@ -262,6 +263,79 @@ def load_dataset(
         ArrayDataset(_normalized(tx, val_idx, mean, std), ty[val_idx], spec.classes, None),
         ArrayDataset(_normalized(sx, None, mean, std), sy.clone(), spec.classes, None),
     )
+
+
+class FactoryDataset(NamedTuple):
+    """A user's data, as its factory returned it, and the class count the model is built for."""
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+
+
+def is_factory(name) -> bool:
+    """True for a factory name, ``"module.path:callable"`` (the datasets above have no colon)."""
+    from ..models.registry import is_factory as named_factory
+    return named_factory(name)
+
+
+def dataset_factory(name: str) -> Callable:
+    """The callable a dataset factory name names; a name that does not resolve is refused in one line."""
+    from ..models.registry import import_factory
+    return import_factory(name, "dataset")
+
+
+def load_factory_dataset(name: str, seed: int = 0) -> FactoryDataset:
+    """Call a user's dataset factory ``"module.path:callable"``: with ``seed=`` when it takes that keyword,
+    else with no argument. It returns ``(train, val, test)`` map-style torch Datasets (``val`` may be None:
+    no validation data), or a dict with those keys and optionally ``num_classes``. Without num_classes,
+    the class count is inferred from the training targets: their largest value + 1 (-100 is ignored)."""
+    from ..models.registry import accepts
+    from .feed import IGNORE_INDEX, _is_map_style, as_feed
+
+    factory = dataset_factory(name)
+    result = factory(seed=seed) if accepts(factory, "seed") else factory()
+    num_classes = None
+    if isinstance(result, dict):
+        missing = [k for k in ("train", "val", "test") if k not in result]
+        extra = sorted(set(result) - {"train", "val", "test", "num_classes"})
+        if missing or extra:
+            raise PrunelabError(f"dataset factory {name!r} returned a dict "
+                                + (f"without {', '.join(map(repr, missing))}" if missing else
+                                   f"with unknown key {extra[0]!r}")
+                                + "; expected keys train, val, test and optionally num_classes")
+        num_classes = result.get("num_classes")
+        splits = [result["train"], result["val"], result["test"]]
+    elif isinstance(result, (tuple, list)) and len(result) == 3:
+        splits = list(result)
+    else:
+        what = f"a {type(result).__name__} of {len(result)} items" if isinstance(result, (tuple, list)) \
+            else f"a {type(result).__name__}"
+        raise PrunelabError(f"dataset factory {name!r} returned {what}, not (train, val, test) Datasets")
+    if splits[1] is None:
+        splits[1] = TensorDataset(torch.empty(0))  # no validation data
+    for split, data in zip(("train", "val", "test"), splits):
+        if not _is_map_style(data):
+            raise PrunelabError(f"dataset factory {name!r}: its {split} split is a {type(data).__name__}, not a "
+                                "map-style torch Dataset (__len__ and __getitem__)")
+    for split, data in (("train", splits[0]), ("test", splits[2])):
+        if len(data) == 0:
+            raise PrunelabError(f"dataset factory {name!r}: its {split} split holds no examples")
+    if num_classes is None:
+        try:
+            targets = as_feed(splits[0]).targets()
+        except PrunelabError as error:
+            raise PrunelabError(f"dataset factory {name!r}: {error}") from None
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise PrunelabError(f"dataset factory {name!r}: the training targets are {targets.dtype}, not integer "
+                                "class labels; return a dict with num_classes to say how many classes")
+        labels = targets[targets != IGNORE_INDEX]
+        if labels.numel() == 0 or labels.min() < 0:
+            raise PrunelabError(f"dataset factory {name!r}: the training targets are not class labels 0..C-1")
+        num_classes = int(labels.max()) + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise PrunelabError(f"dataset factory {name!r}: num_classes must be an integer >= 2, got {num_classes!r}")
+    return FactoryDataset(*splits, num_classes)
 
 
 def _normalized(images: torch.Tensor, rows: torch.Tensor | None, mean, std) -> torch.Tensor:

@@ -30,10 +30,13 @@ from typing import Callable
 import torch
 
 from .. import __version__, checkpoint, distributed, masking, metrics, pruning, schedules
-from ..data import dataset_info, load_dataset
+from ..data import dataset_info, load_dataset, load_factory_dataset
+from ..data.feed import as_feed, example_input, to_model
+from ..data.registry import dataset_factory
 from ..errors import PrunelabError, TrainingDiverged
 from ..methods import check_layers
 from ..models import build_model, model_info
+from ..models.registry import check_factory_options, import_factory, is_factory
 from ..models.init import resolve_scheme
 from ..training import Trainer, derive_seed, evaluate
 from . import lock
@@ -57,15 +60,12 @@ class Stage:
 
 
 def resolve(config: RunConfig) -> RunConfig:
-    """Fill defaults that depend on other settings and check every value before any work starts."""
-    info = model_info(config.model)
+    """Fill defaults that depend on other settings and check every value before any work starts.
+
+    ``model`` and ``dataset`` may name a user's factories, ``"module.path:callable"``: they are imported
+    here (a name that does not resolve is refused in one line) and called when the run starts."""
+    model_name, dataset = _resolve_names(config)
     method = pruning.get_method(config.method)
-    prunes = method.criterion is not None or method.pruner is not None
-    dataset = config.dataset or info.default_dataset
-    data = dataset_info(dataset)
-    if tuple(data.input_shape) != tuple(info.input_shape):
-        raise PrunelabError(f"model {info.name} expects inputs of shape {tuple(info.input_shape)}, "
-                            f"dataset {data.name} gives {tuple(data.input_shape)}")
     options = method.parse_options(config.method_options)
     implied = method.when_from(options) if method.when_from else None
     if config.when and implied and config.when != implied:
@@ -131,10 +131,41 @@ def resolve(config: RunConfig) -> RunConfig:
     finetune_epochs = config.finetune_epochs
     if when == "trained" and not method.retrain and finetune_epochs is None and config.rewind == "none":
         finetune_epochs = 0  # applied to a trained model as it is: no fine-tuning unless asked for
-    resolved = replace(config, model=info.name, dataset=data.name, when=when, scope=scope,
+    resolved = replace(config, model=model_name, dataset=dataset, when=when, scope=scope,
                        finetune_epochs=finetune_epochs)
     resolved.train_config()  # validates the optimizer and schedule settings
     return resolved
+
+
+def _resolve_names(config: RunConfig) -> tuple[str, str]:
+    """The model's and the dataset's names: zoo names made canonical, factory names checked (imported,
+    callable, the model options in the factory's signature). A factory model needs a dataset."""
+    if is_factory(config.model):
+        model_name = config.model.strip()
+        check_factory_options(model_name, import_factory(model_name, "model"),
+                              {k: v for k, v in config.model_options.items() if k not in ("init_std", "init_bias")})
+        if not config.dataset:
+            raise PrunelabError(f"model {model_name!r} is a factory: give the dataset it trains on (dataset = "
+                                "a zoo dataset, or a factory 'module.path:callable' of (train, val, test))")
+        info = None
+    else:
+        info = model_info(config.model)
+        model_name = info.name
+    dataset = config.dataset or info.default_dataset
+    if is_factory(dataset):
+        dataset = dataset.strip()
+        dataset_factory(dataset)
+        return model_name, dataset
+    data = dataset_info(dataset)
+    if info is not None and tuple(data.input_shape) != tuple(info.input_shape):
+        raise PrunelabError(f"model {info.name} expects inputs of shape {tuple(info.input_shape)}, "
+                            f"dataset {data.name} gives {tuple(data.input_shape)}")
+    return model_name, data.name
+
+
+def _label(name: str) -> str:
+    """A model or dataset name as part of a folder name: a factory's colon becomes a dot."""
+    return name.replace(":", ".")
 
 
 def _check_device(name: str) -> None:
@@ -171,7 +202,7 @@ def plan(config: RunConfig) -> list[Stage]:
 
 
 def default_out(config: RunConfig) -> Path:
-    folder = Path("runs") / f"{config.model}_{config.dataset}_{config.method}_{config.digest()}"
+    folder = Path("runs") / f"{_label(config.model)}_{_label(config.dataset)}_{config.method}_{config.digest()}"
     legacy = folder.with_name(folder.name.rpartition("_")[0] + "_" + config.digest(legacy=True))
     return legacy if legacy.is_dir() and not folder.exists() else folder  # resume a folder named before
 
@@ -258,8 +289,13 @@ class Run:
             torch.set_num_threads(cfg.threads)
         # refuses a folder holding another config before any work (rank 0 reads it; every rank stops)
         state = distributed.on_main(self._load_state)
-        # model, then data: bad input fails here (cheapest check first), before the run folder is touched
-        self.model = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
+        # model, then data: bad input fails here (cheapest check first), before the run folder is touched;
+        # a factory's data comes first, as the model is built for its class count
+        if is_factory(cfg.dataset):
+            self._load_data()
+        else:
+            self.num_classes = dataset_info(cfg.dataset).num_classes
+        self.model = build_model(cfg.model, num_classes=self.num_classes,
                                  init=cfg.init, seed=cfg.seed, **cfg.model_options).to(self.device)
         masking.require_prunable(self.model)
         method = pruning.get_method(cfg.method)
@@ -267,13 +303,15 @@ class Run:
         check_layers(method, self.model, params)
         if cfg.sparsity:
             pruning.check_keeps_some(params, cfg.sparsity)
-        self.train, self.val, self.test = load_dataset(cfg.dataset, root=cfg.data_root,
-                                                       val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                                       normalize_inputs=cfg.normalize_inputs)
+        if not is_factory(cfg.dataset):
+            self._load_data()
+        else:
+            self._check_factory_data()
         if method.check_structure is not None:
             method.check_structure(self.model, params, self.test, method.parse_options(cfg.method_options))
         if cfg.rewind == "early":
-            steps = cfg.train_config().total_steps(max(self.train.num_batches(cfg.batch_size, drop_last=False), 1))
+            steps = cfg.train_config().total_steps(max(as_feed(self.train).num_batches(cfg.batch_size,
+                                                                                       drop_last=False), 1))
             if cfg.rewind_iteration > steps:
                 raise PrunelabError(f"rewind_iteration {cfg.rewind_iteration} is past the end of pre-training "
                                     f"({steps} steps)")
@@ -288,6 +326,34 @@ class Run:
             if finished is not None:
                 return finished
             return self._continue(state)
+
+    def _load_data(self) -> None:
+        """The train, validation and test sets: a zoo dataset's (val_fraction, normalize_inputs, data_root
+        apply), or what a factory returns (its own split; called with seed= when it takes it)."""
+        cfg = self.config
+        if is_factory(cfg.dataset):
+            self.train, self.val, self.test, self.num_classes = load_factory_dataset(cfg.dataset, seed=cfg.seed)
+        else:
+            self.train, self.val, self.test = load_dataset(cfg.dataset, root=cfg.data_root,
+                                                           val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                                           normalize_inputs=cfg.normalize_inputs)
+
+    def _check_factory_data(self) -> None:
+        """A factory's data against the model and the schedule: a zoo model's input shape, validation
+        data where the schedule decides on it."""
+        cfg = self.config
+        if not is_factory(cfg.model):
+            expected = tuple(model_info(cfg.model).input_shape)
+            try:
+                given = as_feed(self.train).input_shape()
+            except PrunelabError:
+                given = None
+            if given != expected:
+                raise PrunelabError(f"model {cfg.model} expects inputs of shape {expected}, dataset {cfg.dataset} "
+                                    f"gives {given}")
+        if len(self.val) == 0 and (cfg.keep_best or cfg.when == "during"):
+            raise PrunelabError(f"dataset {cfg.dataset} gives no validation data, which "
+                                f"{'keep_best' if cfg.keep_best else 'pruning while training'} decides on")
 
     def _open(self, state: dict | None) -> tuple[dict, dict | None]:
         """Make the folder ready to start or resume from `state` (None: from the beginning): the state to
@@ -492,7 +558,7 @@ class Run:
             seed = derive_seed(cfg.seed, "reinit") % 2**31
             init = cfg.reinit_init or cfg.init
             options = {k: v for k, v in cfg.model_options.items() if k != "init_bias"}
-            fresh = build_model(cfg.model, num_classes=dataset_info(cfg.dataset).num_classes,
+            fresh = build_model(cfg.model, num_classes=self.num_classes,
                                 init=init, seed=seed, **options).to(self.device)
             tensors, what = fresh.state_dict(), f"re-initialised ({init}, seed {seed})"
         else:  # rank 0 reads the file it wrote; the others get its weights from sync_model
@@ -511,7 +577,8 @@ class Run:
         from .. import structure
 
         cfg = self.config
-        small, report = structure.compact(model, self.test.inputs[:64].to(self.device),
+        probe = as_feed(self.test).rows(torch.arange(min(64, len(self.test)))).inputs
+        small, report = structure.compact(model, to_model(model, probe),
                                           name=cfg.model, options=dict(cfg.model_options))
         costs = structure.structured_metrics(model, small, example, latency=cfg.latency)
         structure.save_compact(self.out / "compact.safetensors", small, report.plan)
@@ -520,7 +587,7 @@ class Run:
                    "kept_constant_channels": len(report.kept_constant)}
         if cfg.latency:
             summary["latency_ms"] = costs["latency_ms"]
-            if example.dim() == 4:  # oneDNN is often faster channels-last: the fair layout for both models
+            if torch.is_tensor(example) and example.dim() == 4:  # oneDNN is often faster channels-last: the fair layout for both models
                 summary["latency_ms_channels_last"] = structure.compare_latency(model, small, example,
                                                                                 channels_last=True)
         return summary
@@ -530,7 +597,7 @@ class Run:
         model = self.model
         test = evaluate(model, self.test, device=self.device)
         val = evaluate(model, self.val, device=self.device)
-        example = self.test.inputs[:1].to(self.device)
+        example = example_input(model, self.test)  # the first test example, on the model's device
         flops, per_module = metrics.flop_summary(model, example)
         result = {
             "schema": RESULT_SCHEMA,

@@ -2,7 +2,8 @@
 
 :func:`save_compact` writes safetensors weights and masks, plus the plan (architecture name and options,
 torch-pruning's pruning history, kept indices per layer, gathered inputs) as JSON metadata;
-:func:`load_compact` rebuilds the architecture with ``build_model``, replays the plan
+:func:`load_compact` rebuilds the architecture with ``build_model`` (a zoo name, or a user's factory
+``"module.path:callable"``) or takes a fresh instance of it (``model=``), replays the plan
 (:func:`apply_plan`) and loads the weights.
 """
 
@@ -23,7 +24,11 @@ from .layers import _GATHERED, _gather_inputs
 
 def save_compact(path: str | os.PathLike, small_model: nn.Module, plan: Mapping[str, Any], *,
                  name: str | None = None, options: Mapping[str, Any] | None = None) -> None:
-    """Write a compact model: weights and masks (safetensors) and the plan (JSON metadata). No pickle."""
+    """Write a compact model: weights and masks (safetensors) and the plan (JSON metadata). No pickle.
+
+    ``name`` (else the plan's, from ``compact(name=...)``): what :func:`load_compact` rebuilds the model
+    from, a zoo name or a factory ``"module.path:callable"``; a name that neither names is refused here.
+    Without a name the file is written all the same, and ``load_compact(path, model=MyNet())`` loads it."""
     plan = dict(plan)
     if name is not None:
         plan["model"] = name
@@ -31,10 +36,27 @@ def save_compact(path: str | os.PathLike, small_model: nn.Module, plan: Mapping[
         plan["model_options"] = dict(options)
     if plan.get("format") != PLAN_FORMAT:
         raise PrunelabError(f"not a compaction plan (format {plan.get('format')!r}, expected {PLAN_FORMAT})")
-    if not plan.get("model"):
-        raise PrunelabError("the plan does not name the architecture: pass name= (a build_model name) to "
-                            "compact() or save_compact()")
+    if plan.get("model") is not None:
+        plan["model"] = _rebuildable(plan["model"])
     checkpoint.save_tensors(path, checkpoint.model_tensors(small_model), {"compact": plan})
+
+
+def _rebuildable(name: Any) -> str:
+    """A model name load_compact can rebuild from: a zoo model's canonical name, or a factory name whose
+    callable imports; anything else is refused in one line."""
+    from ..models.registry import canonical_name, import_factory, is_factory, list_models
+
+    if not isinstance(name, str) or not name.strip():
+        raise PrunelabError(f"the model name of a compact model must be a non-empty string, got {name!r}")
+    if is_factory(name):
+        import_factory(name.strip(), "model")
+        return name.strip()
+    zoo = {m.name for m in list_models()}
+    if canonical_name(name) in zoo:
+        return canonical_name(name)
+    raise PrunelabError(f"cannot record model name {name!r}: load_compact could not rebuild it, as it is neither "
+                        f"a zoo model ({', '.join(sorted(zoo))}) nor a factory 'module.path:callable'; give a "
+                        "factory name, or save without name= and load with load_compact(path, model=...)")
 
 
 def _plan_example(plan: Mapping[str, Any], device) -> Any:
@@ -113,26 +135,37 @@ def check_plan(plan: Mapping[str, Any], where: Any) -> None:
         raise bad(f"num_classes must be a positive integer, got {plan['num_classes']!r}")
 
 
-def load_compact(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model written by :func:`save_compact`: build_model, replay the plan, load weights/masks."""
+def load_compact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model written by :func:`save_compact`: the model (built by ``build_model`` from the
+    recorded name, a zoo name or a factory ``"module.path:callable"``; or ``model``, a fresh instance of
+    the architecture before compaction, changed in place), the plan replayed on it, weights/masks loaded."""
     from ..models import build_model
 
     tensors, meta = checkpoint.load_tensors(path)
     plan = meta.get("compact")
     if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
         raise PrunelabError(f"{path} is not a compact model (no {PLAN_FORMAT} plan in its metadata)")
-    if not isinstance(plan.get("model"), str) or not isinstance(plan.get("model_options") or {}, dict):
-        raise PrunelabError(f"{path}: its plan names no model to rebuild (corrupt metadata)")
+    if not isinstance(plan.get("model_options") or {}, dict) or not (
+            plan.get("model") is None or isinstance(plan.get("model"), str)):
+        raise PrunelabError(f"{path}: its plan's model name or options are corrupt")
+    if model is None and not plan.get("model"):
+        raise PrunelabError(f"{path}: its plan names no model to rebuild: pass model=, a fresh instance of the "
+                            "architecture it was compacted from")
+    if model is not None and not isinstance(model, nn.Module):
+        raise PrunelabError(f"model must be a torch nn.Module (a fresh instance of the architecture), got "
+                            f"{type(model).__name__}")
     check_plan(plan, path)
-    kwargs = dict(plan.get("model_options") or {})
-    if plan.get("num_classes") is not None:
-        kwargs["num_classes"] = plan["num_classes"]
-    model = build_model(plan["model"], **kwargs)
+    what = type(model).__name__ if model is not None else repr(plan["model"])
+    if model is None:
+        kwargs = dict(plan.get("model_options") or {})
+        if plan.get("num_classes") is not None:
+            kwargs["num_classes"] = plan["num_classes"]
+        model = build_model(plan["model"], **kwargs)
     try:
         apply_plan(model, plan)
     except (RuntimeError, IndexError, ValueError, KeyError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise PrunelabError(f"{path}: the plan does not fit model {plan['model']!r}: {first}") from None
+        raise PrunelabError(f"{path}: the plan does not fit model {what}: {first}") from None
     checkpoint.restore_model(model, tensors)
     model.eval()
     return model
