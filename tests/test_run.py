@@ -41,6 +41,17 @@ def test_run_writes_result_with_exact_sparsity(tmp_path, data_root):
     for name in ("config.toml", "state.json", "log.txt", "model.safetensors", "rewind.safetensors"):
         assert (tmp_path / "run" / name).exists(), name
     assert len(list((tmp_path / "run").glob("ckpt-*.safetensors"))) == 1  # only the latest is kept
+    # the pruned model is also stored sparse: the same weights and masks, a fraction of the bytes
+    sizes = saved["file_bytes"]
+    assert sizes["dense"] == (tmp_path / "run" / "model.safetensors").stat().st_size
+    assert sizes["sparse"] < sizes["dense"] / 4
+    from prunelab import sparse
+    dense_model, sparse_model = (build_model("lenet300-100") for _ in range(2))
+    checkpoint.load_model(tmp_path / "run" / "model.safetensors", dense_model)
+    sparse.load_sparse(tmp_path / "run" / "model.sparse.safetensors", sparse_model)
+    assert all(torch.equal(a, b) for a, b in zip(dense_model.state_dict().values(), sparse_model.state_dict().values()))
+    assert masking.masks(dense_model).keys() == masking.masks(sparse_model).keys()
+    assert all(torch.equal(masking.masks(dense_model)[n], m) for n, m in masking.masks(sparse_model).items())
 
 
 def test_resume_equals_uninterrupted(tmp_path, data_root, monkeypatch):

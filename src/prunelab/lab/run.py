@@ -7,7 +7,9 @@ the same result as an uninterrupted run, because every epoch's randomness derive
 epoch) and the learning rate is a pure function of the step.
 
 Run folder: ``config.toml``, ``state.json``, ``ckpt-*.safetensors`` (the latest only), ``rewind.safetensors``
-(weights rewound to), ``model.safetensors`` (final weights and masks), ``log.txt``, ``result.json``, and
+(weights rewound to), ``model.safetensors`` (final weights and masks), ``model.sparse.safetensors`` (the
+pruned model's kept values and bitmasks: ``prunelab.sparse``; sizes in ``result.json``'s ``file_bytes``),
+``log.txt``, ``result.json``, and
 while a process runs it, ``LOCK`` (a second process on the same folder is refused; see lock.py).
 
 Under ``torchrun`` a run is data-parallel (docs/distributed.md): every rank builds the same model and data
@@ -592,6 +594,22 @@ class Run:
                                                                                 channels_last=True)
         return summary
 
+    def _save_models(self, model) -> dict[str, str]:
+        """The final model as dense weights and masks, and (pruned) as the sparse file: {kind: file name},
+        with the compact model written by ``_compact`` when there is one."""
+        from .. import sparse
+
+        cfg = self.config
+        metadata = {"model": cfg.model, "config": asdict(cfg)}
+        checkpoint.save_model(self.out / "model.safetensors", model, metadata)
+        files = {"dense": "model.safetensors"}
+        if masking.is_masked(model):
+            sparse.save_sparse(self.out / "model.sparse.safetensors", model, metadata=metadata)
+            files["sparse"] = "model.sparse.safetensors"
+        if (self.out / "compact.safetensors").exists() and pruning.get_method(cfg.method).structured:
+            files["compact"] = "compact.safetensors"
+        return files
+
     def _finish(self, state: dict) -> dict:
         cfg = self.config
         model = self.model
@@ -626,9 +644,10 @@ class Run:
                                     "dense_kernels": metrics.latency_ms(model, example, threads=1)}
         if pruning.get_method(cfg.method).structured:
             result["structured"] = self._compact(model, example)
-        checkpoint.save_model(self.out / "model.safetensors", model, {"model": cfg.model, "config": asdict(cfg)})
+        files = self._save_models(model)
+        result["file_bytes"] = {kind: (self.out / name).stat().st_size for kind, name in files.items()}
         checkpoint.write_json(self.out / "result.json", result)
-        for name in ("model.safetensors", "result.json"):
+        for name in (*files.values(), "result.json"):
             run_state.record(state, self.out, name)
         checkpoint.write_json(self.out / "state.json", state)  # the commit point of the result
         for line in format_result(result).splitlines():
@@ -665,6 +684,11 @@ def format_result(result: dict) -> str:
                 cl = st["latency_ms_channels_last"]
                 line += f"; channels-last {cl['dense']:.3f} -> {cl['small']:.3f} ms ({cl['speedup']:.2f}x)"
             lines.append(line + f" (batch {lat['batch']}, threads {lat['threads']})")
+    sizes = result.get("file_bytes", {})
+    if "sparse" in sizes:
+        lines.append(f"files: dense {sizes['dense']:,} bytes, sparse {sizes['sparse']:,} bytes "
+                     f"({sizes['dense'] / sizes['sparse']:.1f}x smaller)"
+                     + (f", compact {sizes['compact']:,} bytes" if "compact" in sizes else ""))
     timing = f"time: pruning {result['time_s']['prune']:.2f} s, training {result['time_s']['train']:.1f} s"
     if result.get("latency_ms"):
         timing += f"; latency {result['latency_ms']['dense_kernels']:.3f} ms (batch 1, 1 thread, dense kernels)"
