@@ -102,6 +102,12 @@ def test_cli_export_of_a_run_folder(tmp_path, data_root, capsys):
     assert (run / "model.onnx").stat().st_size > 0
     assert cli.main(["export", str(run), "--format", "torch", "--out", str(tmp_path / "m.pt2")]) == 0
     assert (tmp_path / "m.pt2").exists() and len(capsys.readouterr().out.strip().splitlines()) == 1
+    assert cli.main(["export", str(run), "--format", "sparse", "--out", str(tmp_path / "m.sparse")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    from prunelab import sparse
+    weights, masks = sparse.load_sparse_state(tmp_path / "m.sparse")
+    assert 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()) == \
+        pytest.approx(0.9, abs=1e-9)
 
 
 @pytest.mark.parametrize("make", ["missing", "unfinished"])

@@ -78,8 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     "one, else the masked model with its masks folded in) and check the file against PyTorch "
                     "(docs/export.md).")
     export.add_argument("run_dir", help="a finished run folder (holds config.toml and model.safetensors)")
-    export.add_argument("--format", default="onnx", choices=("onnx", "torch"),
-                        help="onnx (default; needs the onnx extra) | torch (a torch.export .pt2 archive)")
+    export.add_argument("--format", default="onnx", choices=("onnx", "torch", "sparse"),
+                        help="onnx (default; needs the onnx extra) | torch (a torch.export .pt2 archive) | "
+                             "sparse (the masked model's kept values and bitmasks: prunelab.sparse)")
     export.add_argument("--out", default=None, help="file to write (default: RUN_DIR/model.onnx or "
                                                     "RUN_DIR/compact.onnx, .pt2 for torch)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
@@ -264,6 +265,13 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export, run_model
 
     model, dense, example, stem = run_model(args.run_dir)
+    if args.format == "sparse":  # the masked model (before any compaction), lossless
+        from .sparse import save_sparse
+
+        out = args.out or f"{args.run_dir.rstrip('/')}/model.sparse.safetensors"
+        written = save_sparse(out, model if dense is None else dense)
+        print(f"wrote {out} (sparse, {written['bytes']:,} bytes)")
+        return 0
     out = args.out or f"{args.run_dir.rstrip('/')}/{stem}.{'onnx' if args.format == 'onnx' else 'pt2'}"
     report = export(model, example, out, format=args.format, opset=args.opset, dense=dense)
     print(report.line())
