@@ -159,7 +159,8 @@ def test_two_ranks_hold_the_masks_of_one_process(two_ranks, name):
     result = json.loads((out / f"{name}-2p" / "result.json").read_text())
     assert result["environment"]["processes"] == 2
     assert abs(result["error"]["test"] - single[name]["error"]["test"]) <= 0.001  # within 0.1 point
-    assert result["sparsity"] == single[name]["sparsity"]
+    # the same share of weights pruned, up to the entries flipped at the threshold (exact for SNIP)
+    assert abs(result["sparsity"] - single[name]["sparsity"]) <= (0 if name == "snip" else 1e-4)
     assert [e["stage"] for e in result["prune_events"]] == [e["stage"] for e in single[name]["prune_events"]]
 
 
