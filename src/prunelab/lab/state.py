@@ -14,7 +14,8 @@ from .. import checkpoint
 from ..errors import PrunelabError
 
 CHECKPOINT_NAME = re.compile(r"ckpt-\d{3}-\d{4}\.safetensors")
-TRUSTED = ("rewind.safetensors", "model.safetensors", "result.json")  # besides the checkpoint
+TRUSTED = ("rewind.safetensors", "model.safetensors", "model.sparse.safetensors", "compact.safetensors",
+           "result.json")  # besides the checkpoint
 _LISTS = ("history", "prune_events", "stage_results", "kept_epochs")
 
 
