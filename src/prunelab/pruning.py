@@ -132,10 +132,11 @@ def prune(model: nn.Module, method: str, sparsity: float | None = None, data=Non
     ``prune`` again with a higher target continues an iterative schedule; a lower one is refused.
 
     ``data``: a Dataset, DataLoader, iterable of batches or (inputs, targets) pair (``prunelab.data.feed``);
-    ``loss_fn`` and ``get_logits`` as for ``scores``; ``include``/``exclude``: the eligibility policy (by default
-    Linear, Conv, attention and recurrent weights; embeddings opt in: ``include=nn.Embedding``; a module
-    type or a name pattern, or a list: ``prunelab.masking.prunable_parameters``); ``optimizer``: its state at pruned positions is zeroed
-    now; ``options``: the method's (``prunelab.list_methods()``, ``docs/methods/``).
+    ``loss_fn`` and ``get_logits`` as for ``scores``; ``include``/``exclude``: the eligibility policy (by
+    default Linear, Conv, attention and recurrent weights; embeddings opt in: ``include=nn.Embedding``; a
+    module type or a name pattern, or a list: ``prunelab.masking.prunable_parameters``); ``optimizer``: its
+    state at pruned positions is zeroed now; ``options``: the method's (``prunelab.list_methods()``,
+    ``docs/methods/``).
     """
     start = time.perf_counter()
     spec = get_method(method)

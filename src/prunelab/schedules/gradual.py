@@ -60,7 +60,8 @@ class Gradual(Schedule):
         if target <= 0.0 or target <= done:
             return None
         report = pruning.prune(self.model, self.method.name, sparsity=target, data=self.data, scope=self.scope,
-                               seed=self.seed, include_bias=self.include_bias, **self.eligible, optimizer=self.optimizer,
+                               seed=self.seed, include_bias=self.include_bias, optimizer=self.optimizer,
+                               **self.eligible,
                                loss_fn=self.loss_fn, get_logits=self.get_logits, **self.options)
         return self._record({"step": t, **report.as_dict()})
 

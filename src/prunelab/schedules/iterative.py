@@ -99,7 +99,8 @@ class Iterative(Schedule):
         target = self.targets[round - 1]
         amount = {} if self.kind is None else {self.kind: target}
         report = pruning.prune(self.model, self.method.name, data=self.data, scope=self.scope, seed=self.seed,
-                               include_bias=self.include_bias, **self.eligible, optimizer=self.optimizer, loss_fn=self.loss_fn,
+                               include_bias=self.include_bias, optimizer=self.optimizer, loss_fn=self.loss_fn,
+                               **self.eligible,
                                get_logits=self.get_logits, **amount, **self.options)
         return self._record({"round": round, **report.as_dict()})
 

@@ -58,7 +58,8 @@ class Periodic(Schedule):
         before = masking.masks(self.model)
         report = pruning.prune(self.model, self.method.name, sparsity=target, data=self.data, scope=self.scope,
                                seed=derive_seed(self.seed, f"{self.method.name}-train-with", self.epochs),
-                               include_bias=self.include_bias, **self.eligible, optimizer=self.optimizer, loss_fn=self.loss_fn,
+                               include_bias=self.include_bias, optimizer=self.optimizer, loss_fn=self.loss_fn,
+                               **self.eligible,
                                get_logits=self.get_logits, **self.options)
         after = masking.masks(self.model)
         changed = sum(int((after[n] != before[n]).sum()) if n in before else int((~after[n]).sum())
