@@ -165,3 +165,7 @@ def test_report_says_what_was_eligible_and_achieved():
     assert report.examples == 0 and not math.isnan(report.channels_removed)
     pfp = prunelab.prune(mlp(), "pfp", parameters=0.5, data=(X, Y))
     assert pfp.target == {"parameters": 0.5} and pfp.sparsity_all == pytest.approx(0.5, abs=0.05)
+    rounds = schedules.Iterative(mlp(), "pfp", parameters=0.5, rounds=2, data=(X, Y))  # the lab's --parameters
+    events = [rounds.prune_round() for _ in range(2)]
+    assert [e["target"] for e in events] == [{"parameters": t} for t in rounds.targets]
+    assert events[-1]["sparsity_all"] == pytest.approx(0.5, abs=0.05)
