@@ -63,7 +63,7 @@ from ..data.feed import as_feed, example_input
 from ..errors import PrunelabError
 from ..methods import Method, register
 from ..options import Options, option
-from .snip import attention_owner, attention_slow_path, check_positive_int, scoring_mode, tied_elsewhere
+from .snip import attention_slow_path, check_measurable, check_positive_int, scoring_mode
 
 MODES = ("sparsify-with", "train-with")
 IMPORTANCE = ("propagated", "ones")
@@ -120,14 +120,7 @@ def scored_layers(model: nn.Module, params: Mapping[str, torch.Tensor], method: 
             kind = type(module).__name__ + (f"(groups={module.groups})" if isinstance(module, nn.Conv2d) else "")
             raise PrunelabError(f"{method} scores the edges of Linear and Conv2d layers; {name} belongs to "
                                 f"{kind} {module_name!r}, which is not supported")
-        attention = attention_owner(model, module)
-        if attention is not None:
-            raise PrunelabError(f"{method}: {module_name} is used inside MultiheadAttention {attention!r}, which "
-                                "reads its weight directly, so its inputs cannot be measured as a Linear's")
-        tie = tied_elsewhere(model, name)
-        if tie is not None:
-            raise PrunelabError(f"{method}: {name} is tied to {tie}, another layer's weight; the inputs of one "
-                                "layer cannot score a weight two layers use")
+        check_measurable(method, model, module_name, module, name)
         layers[module_name] = module
     return layers
 

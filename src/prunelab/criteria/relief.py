@@ -61,7 +61,7 @@ from ..masking import param_name
 from ..hooks import run_with_hooks
 from ..methods import Method, register
 from ..options import Options, option
-from .snip import attention_owner, attention_slow_path, tied_elsewhere
+from .snip import attention_slow_path, check_measurable
 
 CONV_REDUCE = ("fro", "fro_of_mean", "sum")
 SELECTION = ("paper", "code")
@@ -298,14 +298,7 @@ def _layers(model: nn.Module, params) -> dict[str, nn.Module]:
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
             raise PrunelabError(f"relief: conv layer {owner!r} has groups={module.groups}, "
                                 f"padding_mode={module.padding_mode!r}; only groups=1 with zero padding is supported")
-        attention = attention_owner(model, module)
-        if attention is not None:
-            raise PrunelabError(f"relief: {owner} is used inside MultiheadAttention {attention!r}, which reads its "
-                                "weight directly, so relief cannot measure its inputs as a Linear's")
-        tie = tied_elsewhere(model, name)
-        if tie is not None:
-            raise PrunelabError(f"relief: {name} is tied to {tie}, another layer's weight; relief measures each "
-                                "layer's inputs separately and cannot score a weight two layers use")
+        check_measurable("relief", model, owner, module, name)
         layers[owner] = module
     if not layers:
         raise PrunelabError("relief: the model has no prunable Linear or Conv2d layer")

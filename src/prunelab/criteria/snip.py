@@ -162,6 +162,20 @@ def tied_elsewhere(model: nn.Module, name: str) -> str | None:
     return None
 
 
+def check_measurable(method: str, model: nn.Module, module_name: str, module: nn.Module, name: str) -> None:
+    """Refuse, in one line, a weight whose layer's inputs a per-layer activity rule (relief, iSparse) cannot
+    measure: a MultiheadAttention ``out_proj`` (read directly, never called), or a weight tied to another
+    layer's."""
+    attention = attention_owner(model, module)
+    if attention is not None:
+        raise PrunelabError(f"{method}: {module_name} is used inside MultiheadAttention {attention!r}, which "
+                            "reads its weight directly, so its inputs cannot be measured as a Linear's")
+    tie = tied_elsewhere(model, name)
+    if tie is not None:
+        raise PrunelabError(f"{method}: {name} is tied to {tie}, another layer's weight; {method} measures each "
+                            "layer's inputs separately and cannot score a weight two layers use")
+
+
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module, params: Mapping[str, nn.Parameter], bn_mode: str = "eval",
                  restore_buffers: bool = True) -> Iterator[None]:
