@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 import prunelab
 from prunelab import PrunelabError, masking, structure
 from prunelab.structure.compaction import output_tensors, probes
+from families import InvertedResidual
 
 
 @pytest.fixture(autouse=True)
@@ -78,21 +79,6 @@ def test_pfp_scores_conv1d_layers():
 
 
 # --- depthwise convs: MobileNetV2's inverted residual -----------------------------------------------------
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin, cout, expand=4, stride=1):
-        super().__init__()
-        hidden = cin * expand
-        self.residual = stride == 1 and cin == cout
-        self.block = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.block(x)
-        return x + y if self.residual else y
-
 
 class MobileNetLike(nn.Module):
     def __init__(self):
