@@ -79,6 +79,22 @@ def test_masks_hold_through_load_to_dtype_and_deepcopy(build, x):
     assert torch.isfinite(out_eval).all()
 
 
+def test_a_pickled_model_keeps_its_masks_through_training():
+    import io
+    model = SharedLinear()
+    prunelab.prune(model, "magnitude", 0.5)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # the tensors' gradient hooks are not pickled
+    current = masking.masks(loaded)
+    x = torch.randn(4, 10)
+    _sgd_steps(loaded, x)  # momentum would carry a gradient into pruned entries without the hooks
+    _sgd_steps(loaded, x)  # the forward pass re-links the hooks once: one hook per tensor
+    _assert_zeros(loaded, current, "SGD on a pickled model")
+    assert all(len(p._post_accumulate_grad_hooks) == 1 for n, p in loaded.named_parameters() if n in current)
+
+
 def test_load_state_dict_assign_relinks_the_new_parameters():
     model = SharedLinear()
     prunelab.prune(model, "magnitude", 0.5)

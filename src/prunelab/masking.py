@@ -338,13 +338,20 @@ def _drop_hook(module: nn.Module, table: str, hook) -> None:
 def _link(module: nn.Module, local: str) -> None:
     """Tie a parameter to its mask: the gradient hook, and what the optimizer hook reads."""
     param = getattr(module, local)
-    owner = getattr(param, "_prunelab_mask", None)
-    if owner is not None and owner[0] is module:
+    if _linked(module, param):
         param._prunelab_generation = next(_generations)  # a replaced mask: optimizers clean again
         return
     param._prunelab_mask = (module, local)
     param._prunelab_generation = next(_generations)
     param._prunelab_grad_hook = param.register_post_accumulate_grad_hook(_mask_gradient)
+
+
+def _linked(module: nn.Module, param: nn.Parameter) -> bool:
+    """Whether ``param`` is tied to ``module``'s mask with its gradient hook in place (a pickled model
+    keeps the attributes but not the tensor's hooks)."""
+    owner = getattr(param, "_prunelab_mask", None)
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None) or {}
+    return owner is not None and owner[0] is module and any(h is _mask_gradient for h in hooks.values())
 
 
 def _unlink(param: nn.Parameter) -> None:
@@ -360,8 +367,7 @@ def _refresh(module: nn.Module) -> None:
     versions = module._prunelab_versions
     for local in module._prunelab_masked:
         param = getattr(module, local)
-        owner = getattr(param, "_prunelab_mask", None)
-        if owner is None or owner[0] is not module:
+        if not _linked(module, param):
             _link(module, local)
         if param._version != versions.get(local):
             _apply_one(module, local)
