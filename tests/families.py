@@ -64,7 +64,9 @@ def token_ids(seed: int = 0):
     return TokenClassifier(), TensorDataset(_tokens(seed), _labels(seed))
 
 
-class _Dicts(Dataset):
+class Dicts(Dataset):
+    """A map-style dataset of dict examples (Hugging Face style)."""
+
     def __init__(self, items):
         self.items = items
 
@@ -88,7 +90,7 @@ def bert(seed: int = 0):
     mask = torch.ones_like(ids)
     mask[::3, -2:] = 0  # some padding, so the attention mask matters
     items = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(N)]
-    return model, _Dicts(items)
+    return model, Dicts(items)
 
 
 class InvertedResidual(nn.Module):

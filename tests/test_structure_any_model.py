@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 import prunelab
 from prunelab import PrunelabError, masking, structure
 from prunelab.structure.compaction import output_tensors, probes
-from families import InvertedResidual
+from families import Dicts, InvertedResidual
 
 
 @pytest.fixture(autouse=True)
@@ -307,19 +306,6 @@ def test_transformer_encoder_keeps_attention_and_loses_feed_forward_neurons():
 
 
 # --- Hugging Face BERT: whole attention heads ----------------------------------------------------------
-
-class Dicts(Dataset):
-    """A map-style dataset of dict examples (Hugging Face style)."""
-
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
 
 def _bert():
     transformers = pytest.importorskip("transformers")

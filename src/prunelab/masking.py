@@ -76,10 +76,10 @@ def prunable_parameters(model: nn.Module, include_bias: bool = False, include_no
     parameter named. ``exclude`` opts out (``exclude="classifier"`` keeps the output layer dense).
     """
     include, exclude = _selectors(include), _selectors(exclude)
-    holders = _holders(model)
+    held_by = holders(model)
     chosen: dict[str, nn.Parameter] = {}
     for name, param in model.named_parameters():
-        owners = holders[id(param)]
+        owners = held_by[id(param)]
         default = all(_is_prunable(module, local, include_bias, include_norm) for _, module, local in owners)
         if (default or _matches(include, owners)) and not _matches(exclude, owners):
             chosen[name] = param
@@ -89,14 +89,12 @@ def prunable_parameters(model: nn.Module, include_bias: bool = False, include_no
 def aliases(model: nn.Module) -> dict[str, list[str]]:
     """``{first name: [other names]}`` for every parameter the model holds under more than one name (tied
     weights, a module registered twice)."""
-    found: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for local, param in module.named_parameters(recurse=False):
-            names = found.setdefault(id(param), [])
-            full = param_name(module_name, local)
-            if full not in names:
-                names.append(full)
-    return {names[0]: names[1:] for names in found.values() if len(names) > 1}
+    found = {}
+    for held in holders(model).values():
+        names = list(dict.fromkeys(name for name, _, _ in held))
+        if len(names) > 1:
+            found[names[0]] = names[1:]
+    return found
 
 
 def canonical_name(model: nn.Module, name: str) -> str:
@@ -107,13 +105,13 @@ def canonical_name(model: nn.Module, name: str) -> str:
     return name
 
 
-def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+def holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
     """For each parameter (by id): every (name, module, local name) that holds it."""
-    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    found: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for local, param in module.named_parameters(recurse=False):
-            holders.setdefault(id(param), []).append((param_name(module_name, local), module, local))
-    return holders
+            found.setdefault(id(param), []).append((param_name(module_name, local), module, local))
+    return found
 
 
 def _is_prunable(module: nn.Module, local: str, include_bias: bool, include_norm: bool) -> bool:

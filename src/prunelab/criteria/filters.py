@@ -58,11 +58,6 @@ from ..options import Options, option
 from ..selection import check_sparsity
 
 
-def _writers(group: structure.ChannelGroup) -> list:
-    """The weight slices scored for a group: its one Conv/Linear writer, or a head's query/key/value rows."""
-    return list(group.layers)
-
-
 def _unsafe_reason(model: nn.Module, group: structure.ChannelGroup) -> str:
     """Why a group is not pruned by a channel method (one phrase)."""
     if group.blocked is not None:
@@ -100,7 +95,7 @@ def channel_groups(model: nn.Module, graph: structure.ChannelGraph, params: Mapp
                             f"shared layers: exclude it (exclude={name!r}) or give each call its own layer")
     chosen, refused = [], None
     for g, group in enumerate(graph.groups):
-        writers = _writers(group)
+        writers = list(group.layers)  # its one Conv/Linear writer, or a head's query/key/value rows
         eligible = bool(writers) and (params is None or all(param_name(s.module, "weight") in params
                                                             for s in writers))
         if group.safe and eligible:
@@ -126,7 +121,7 @@ def filter_norms(model: nn.Module, graph: structure.ChannelGraph, p: int = 1,
     for g in channel_groups(model, graph, params, method):
         group = graph.groups[g]
         rows = []
-        for layer in _writers(group):
+        for layer in group.layers:
             weight = model.get_submodule(layer.module).weight.detach().to("cpu", torch.float64)
             rows.append(torch.stack([weight[list(ix)].flatten() for ix in layer.index]))
         rows = torch.cat(rows, 1)
@@ -192,7 +187,7 @@ def _criterion(p: int, method: str):
         graph = structure.channel_graph(model, example)
         scores = {}
         for g, norm in filter_norms(model, graph, p, params, method).items():
-            for layer in _writers(graph.groups[g]):
+            for layer in graph.groups[g].layers:
                 name = param_name(layer.module, "weight")
                 score = torch.zeros(params[name].shape, dtype=torch.float64)
                 for c, ix in enumerate(layer.index):

@@ -150,15 +150,11 @@ def attention_owner(model: nn.Module, module: nn.Module) -> str | None:
 def tied_elsewhere(model: nn.Module, name: str) -> str | None:
     """Another name of parameter ``name`` held by a *different* module (a tied weight), else None; a module
     registered twice (the same layer under two names) is not a tie."""
-    holders = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for local, p in module.named_parameters(recurse=False):
-            holders.setdefault(id(p), []).append((masking.param_name(module_name, local), module))
-    for found in holders.values():
-        names = [n for n, _ in found]
+    for held in masking.holders(model).values():
+        names = [n for n, _, _ in held]
         if name in names:
-            first = found[names.index(name)][1]
-            return next((n for n, m in found if m is not first), None)
+            first = held[names.index(name)][1]
+            return next((n for n, m, _ in held if m is not first), None)
     return None
 
 
