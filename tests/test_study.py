@@ -74,6 +74,15 @@ def test_a_grid_expands_into_digest_named_runs(tmp_path):
     assert [r.id for r in expand(load_spec(path))] == [r.id for r in runs]  # stable
 
 
+def test_control_false_leaves_the_dense_control_out(tmp_path):
+    """A long study whose dense control exists elsewhere (studies/lobster_lenet300_long.toml) skips it."""
+    path = study_file(tmp_path, 'methods = ["lobster"]\nbaselines = false\ncontrol = false\nseeds = [0, 1]\n')
+    runs = expand(load_spec(path))
+    assert [r.label for r in runs] == ["lobster", "lobster"]
+    with_control = expand(load_spec(study_file(tmp_path, 'methods = ["lobster"]\nbaselines = false\n', name="c.toml")))
+    assert [r.label for r in with_control] == ["none", "lobster"]
+
+
 @pytest.mark.parametrize("study, extra, message", [
     ('methods = ["snip"]\ntargets = [0.5]\ncolour = "red"\n', "", "invalid key 'colour' in [study]"),
     ('methods = ["snip"]\ntargets = [0.5]\n', "[recipe2]\n", "unknown table or key 'recipe2'"),
@@ -84,6 +93,7 @@ def test_a_grid_expands_into_digest_named_runs(tmp_path):
      "[methods.snip]: invalid config key 'lrr'"),
     ('methods = ["snip"]\ntargets = [0.5]\n', '[methods.grasp]\nlr = 0.1\n', "[methods.grasp] configures a method"),
     ('methods = ["snip"]\ntargets = [0.5]\nsanity = ["invert"]\n', "", "unknown check 'invert'"),
+    ('methods = ["snip"]\ntargets = [0.5]\ncontrol = "no"\n', "", "control must be true or false"),
     ('methods = ["snip"]\ntargets = [0.5]\n', '[methods.snip]\nwhen = "sometime"\n', "invalid when 'sometime'"),
 ])
 def test_bad_study_files_end_in_one_line_before_any_run(tmp_path, capsys, study, extra, message):

@@ -4,7 +4,7 @@ Every grid point is a run config: the defaults, the shared recipe, the method's 
 point itself (model, dataset, method, target, seed). The run folder is named by the resolved config's
 digest (the lab's own), so the same config always lands in the same folder: a finished run is reused
 and an interrupted one resumes. The dense control (method ``none``, the recipe's training without any
-pruning key) is one run per model, dataset and seed.
+pruning key) is one run per model, dataset and seed, unless the study says ``control = false``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def expand(spec: StudySpec) -> list[PlannedRun]:
                 base = {**spec.recipe, "model": model, "seed": seed,
                         **({"dataset": dataset} if dataset else {})}
                 dense = {k: v for k, v in base.items() if k not in PRUNING_ONLY}
-                _add(runs, _plan({**dense, "method": "none"}, "none", "", None, None))
+                if spec.control:
+                    _add(runs, _plan({**dense, "method": "none"}, "none", "", None, None))
                 for method in spec.methods:
                     kind = spec.kinds[method]
                     for target in spec.targets[method] or (None,):

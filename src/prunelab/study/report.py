@@ -81,7 +81,8 @@ def _header(data: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
               f"* grid: models {', '.join(spec['models'])}; datasets "
               f"{', '.join(d or DEFAULT_DATASET for d in spec['datasets'])}; "
               f"methods {', '.join(spec['methods'])} (baselines: {baselines or 'none'})"
-              f" and the dense control; seeds {', '.join(map(str, spec['seeds']))}",
+              f"{' and the dense control' if spec.get('control', True) else '; no dense control (control = false)'}"
+              f"; seeds {', '.join(map(str, spec['seeds']))}",
               f"* sanity checks (Frankle et al., ICLR 2021) of the at-initialisation methods: "
               f"{', '.join(spec['sanity']) or 'none'}",
               f"* runs: {len(runs)}: {counts['done']} done, {counts['diverged']} diverged, {counts['failed']} failed"

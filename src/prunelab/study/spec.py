@@ -2,10 +2,11 @@
 
     [study]
     methods = ["snip", "synflow"]          # random and magnitude (the baselines) are added unless
-    targets = [0.5, 0.8, 0.9, 0.95, 0.98]  # baselines = false; the dense control is always there
+    targets = [0.5, 0.8, 0.9, 0.95, 0.98]  # baselines = false; the dense control unless control = false
     seeds = [0, 1, 2]
     models = ["lenet300-100"]              # datasets = [...]: default, each model's own
     sanity = ["shuffle", "reinit"]         # Frankle et al. 2021 checks of the at-initialisation methods
+    control = true                         # false: no dense control (a long study whose control exists)
     references = "references.toml"         # the papers' numbers (relative to this file)
 
     [recipe]                               # any run config key, shared by every run
@@ -34,7 +35,7 @@ BASELINES = ("random", "magnitude")
 # set by the grid, never by the recipe or a method's table
 GRID_KEYS = ("model", "dataset", "method", "seed", "sparsity", "channels", "parameters", "out")
 STUDY_KEYS = ("name", "description", "models", "datasets", "methods", "targets", "seeds", "sanity",
-              "baselines", "references")
+              "baselines", "control", "references")
 METHOD_KEYS = ("targets", "target")  # besides run config keys
 
 
@@ -43,7 +44,7 @@ class StudySpec:
     """What a study file asks for, checked. ``methods`` are the pruning methods in the order given, the
     baselines appended; the dense control (method ``none``) is implied. ``overrides[m]`` holds method
     m's run config keys; ``targets[m]`` and ``kinds[m]`` its target values and kind (None: the method
-    decides how much to prune)."""
+    decides how much to prune). ``control`` False leaves the dense control out (the report says so)."""
 
     path: Path
     name: str
@@ -58,13 +59,15 @@ class StudySpec:
     targets: dict[str, tuple[float, ...]] = field(default_factory=dict)
     kinds: dict[str, str | None] = field(default_factory=dict)
     references: Path | None = None
+    control: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         """The spec as study.json records it (paths as given, relative to the study file)."""
         return {"name": self.name, "description": self.description, "models": list(self.models),
                 "datasets": list(self.datasets), "methods": list(self.methods), "seeds": list(self.seeds),
                 "sanity": list(self.sanity), "recipe": self.recipe, "overrides": self.overrides,
-                "targets": {m: list(t) for m, t in self.targets.items()}, "kinds": self.kinds}
+                "targets": {m: list(t) for m, t in self.targets.items()}, "kinds": self.kinds,
+                "control": self.control}
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -141,7 +144,8 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
     return StudySpec(path=path, name=study.get("name") or path.stem, description=study.get("description", ""),
                      models=tuple(models), datasets=tuple(datasets), methods=tuple(methods), seeds=tuple(seeds),
                      sanity=tuple(sanity), recipe=recipe, overrides=overrides, targets=targets, kinds=kinds,
-                     references=(path.parent / references) if references else None)
+                     references=(path.parent / references) if references else None,
+                     control=_bool(study, "control", True))
 
 
 def _table(raw: dict, name: str) -> dict:
