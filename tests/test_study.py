@@ -83,6 +83,23 @@ def test_control_false_leaves_the_dense_control_out(tmp_path):
     assert [r.label for r in with_control] == ["none", "lobster"]
 
 
+def test_a_step_budget_names_one_run_whether_or_not_epochs_are_given():
+    """iterations override epochs, so a study's run (epochs at their default) and a script's run of the same
+    config (epochs=None) share a digest, and the study can adopt the script's folder."""
+    values = {**defaults(), "model": "lenet300-100", "method": "snip", "sparsity": 0.9, "iterations": 100}
+    with_epochs = lab_run.resolve(make_config(values))
+    assert with_epochs.epochs is None
+    assert with_epochs.digest() == lab_run.resolve(make_config({**values, "epochs": None})).digest()
+    assert with_epochs.digest() != lab_run.resolve(make_config({**values, "iterations": 101})).digest()
+
+
+def test_the_dense_control_takes_its_own_overrides(tmp_path):
+    path = study_file(tmp_path, 'methods = ["snip"]\ntargets = [0.5]\nbaselines = false\n',
+                      extra="[methods.none]\nlr = 0.01\n")
+    control, snip = expand(load_spec(path))
+    assert (control.label, control.config["lr"], snip.config["lr"]) == ("none", 0.01, 0.05)
+
+
 @pytest.mark.parametrize("study, extra, message", [
     ('methods = ["snip"]\ntargets = [0.5]\ncolour = "red"\n', "", "invalid key 'colour' in [study]"),
     ('methods = ["snip"]\ntargets = [0.5]\n', "[recipe2]\n", "unknown table or key 'recipe2'"),
@@ -94,6 +111,7 @@ def test_control_false_leaves_the_dense_control_out(tmp_path):
     ('methods = ["snip"]\ntargets = [0.5]\n', '[methods.grasp]\nlr = 0.1\n', "[methods.grasp] configures a method"),
     ('methods = ["snip"]\ntargets = [0.5]\nsanity = ["invert"]\n', "", "unknown check 'invert'"),
     ('methods = ["snip"]\ntargets = [0.5]\ncontrol = "no"\n', "", "control must be true or false"),
+    ('methods = ["snip"]\ntargets = [0.5]\n', '[methods.none]\ntargets = [0.5]\n', "the dense control prunes nothing"),
     ('methods = ["snip"]\ntargets = [0.5]\n', '[methods.snip]\nwhen = "sometime"\n', "invalid when 'sometime'"),
 ])
 def test_bad_study_files_end_in_one_line_before_any_run(tmp_path, capsys, study, extra, message):
@@ -151,6 +169,28 @@ def test_an_interrupted_study_completes_only_the_missing_runs(tmp_path, data_roo
     again = run_study(path, progress=False)  # everything finished: nothing runs
     assert calls == [] and [r["status"] for r in again["runs"]] == ["done"] * 3
     assert [r["summary"] for r in again["runs"]] == [r["summary"] for r in record["runs"]]
+
+
+def test_finished_runs_from_elsewhere_are_adopted_not_retrained(tmp_path, data_root, monkeypatch, capsys):
+    """A benchmark's lab run of the same config (any folder name) is copied in; only the rest trains."""
+    path = study_file(tmp_path, 'methods = ["random"]\nbaselines = false\ntargets = [0.5]\nseeds = [0]\n',
+                      data_root=data_root)
+    dense, pruned = expand(load_spec(path))
+    lab_run.run(make_config({**defaults(), **pruned.config, "out": str(tmp_path / "bench" / "random_s0")}),
+                progress=False, echo=None)
+    (tmp_path / "bench" / "unfinished").mkdir()  # not a run: ignored
+    calls = counting_lab_runs(monkeypatch)
+    assert cli.main(["study", str(path), "--quiet", "--no-report", "--adopt", str(tmp_path / "bench")]) == 0
+    assert [Path(c.out).name for c in calls] == [Path(dense.folder).name]  # the random run was not retrained
+    record = read(tmp_path / "s")
+    assert [(r["label"], r["status"], r["reused"]) for r in record["runs"]] == \
+        [("none", "done", False), ("random", "done", True)]
+    assert record["runs"][1]["summary"]["test_error"] is not None
+    assert (tmp_path / "bench" / "random_s0" / "result.json").exists()  # copied, not moved
+    assert "adopted" in capsys.readouterr().out
+    assert cli.main(["study", str(path), "--adopt", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--adopt" in err[0] and "no such folder" in err[0]
 
 
 def test_diverged_runs_are_recorded_and_kept_until_retried(tmp_path, data_root, monkeypatch, capsys):

@@ -103,6 +103,9 @@ def _add_study_commands(commands) -> None:
     study.add_argument("--address", default=None, help="ray: the cluster's address (e.g. auto, HOST:6379, "
                                                        "ray://HOST:10001; default: RAY_ADDRESS, else a local Ray)")
     study.add_argument("--retry-failed", action="store_true", help="run diverged and failed runs again")
+    study.add_argument("--adopt", action="append", default=[], metavar="DIR",
+                       help="take finished lab runs of this study's configs from DIR (searched recursively; "
+                            "copied, not moved) instead of running them; repeatable")
     study.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
     study.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     study.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -139,7 +142,7 @@ def _study(args: argparse.Namespace) -> int:
     try:
         data = runner.run_study(args.study, args.out, engine=args.engine, workers=args.workers,
                                 threads=args.threads, address=args.address, retry_failed=args.retry_failed,
-                                progress=not args.quiet)
+                                adopt_from=tuple(args.adopt), progress=not args.quiet)
     finally:
         signal.signal(signal.SIGTERM, previous)
     folder = Path(args.out) if args.out else runner.default_folder(args.study)

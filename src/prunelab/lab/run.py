@@ -133,8 +133,10 @@ def resolve(config: RunConfig) -> RunConfig:
     finetune_epochs = config.finetune_epochs
     if when == "trained" and not method.retrain and finetune_epochs is None and config.rewind == "none":
         finetune_epochs = 0  # applied to a trained model as it is: no fine-tuning unless asked for
+    # a step budget overrides epochs: drop them, so that one experiment has one digest however it is given
+    epochs = None if config.iterations is not None else config.epochs
     resolved = replace(config, model=model_name, dataset=dataset, when=when, scope=scope,
-                       finetune_epochs=finetune_epochs)
+                       finetune_epochs=finetune_epochs, epochs=epochs)
     resolved.train_config()  # validates the optimizer and schedule settings
     return resolved
 

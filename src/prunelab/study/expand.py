@@ -58,7 +58,8 @@ def expand(spec: StudySpec) -> list[PlannedRun]:
                         **({"dataset": dataset} if dataset else {})}
                 dense = {k: v for k, v in base.items() if k not in PRUNING_ONLY}
                 if spec.control:
-                    _add(runs, _plan({**dense, "method": "none"}, "none", "", None, None))
+                    control = {**dense, **spec.overrides.get("none", {}), "method": "none"}
+                    _add(runs, _plan(control, "none", "", None, None))
                 for method in spec.methods:
                     kind = spec.kinds[method]
                     for target in spec.targets[method] or (None,):

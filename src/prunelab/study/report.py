@@ -94,7 +94,7 @@ def _header(data: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
     overrides = {m: o for m, o in spec["overrides"].items() if o}
     if overrides:
         lines += ["Per-method overrides:", ""]
-        lines += [f"* {m}: " + ", ".join(f"{k} = {_value(v)}" for k, v in o.items()) for m, o in overrides.items()]
+        lines += [f"* {'dense control' if m == 'none' else m}: " + ", ".join(f"{k} = {_value(v)}" for k, v in o.items()) for m, o in overrides.items()]
         lines.append("")
     targets = {f"{m} ({spec['kinds'][m]})": t for m, t in spec["targets"].items() if t}
     lines += ["Targets: " + "; ".join(f"{m}: {', '.join(f'{v:g}' for v in t)}" for m, t in targets.items()), ""]

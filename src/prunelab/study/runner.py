@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ..errors import PrunelabError
 from ..lab import lock
+from .adopt import adopt
 from .engines import make_engine
 from .expand import expand
 from .progress import Progress
@@ -37,9 +38,11 @@ def plan_study(study_file: str | Path, out: str | Path | None = None):
 
 def run_study(study_file: str | Path, out: str | Path | None = None, *, engine: str = "local", workers: int = 1,
               threads: int | None = None, address: str | None = None, retry_failed: bool = False,
-              progress: bool = True, notice: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the study's missing runs; return study.json's content. Bad input raises PrunelabError before
-    any run starts; an interrupt leaves study.json saying what finished, and propagates."""
+              adopt_from: tuple[str | Path, ...] = (), progress: bool = True,
+              notice: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the study's missing runs; return study.json's content. Finished runs found under ``adopt_from``
+    (folders searched recursively) are copied in instead of being run. Bad input raises PrunelabError
+    before any run starts; an interrupt leaves study.json saying what finished, and propagates."""
     spec, planned, folder = plan_study(study_file, out)
     runner = make_engine(engine, workers=workers, threads=threads, address=address)
     try:
@@ -48,6 +51,7 @@ def run_study(study_file: str | Path, out: str | Path | None = None, *, engine: 
         raise PrunelabError(f"cannot create the study folder {folder}: {error.strerror or error}") from None
     configs = {run.id: run for run in planned}
     with lock.hold(folder):
+        adopt(folder, planned, adopt_from, say=notice or print)
         record = StudyRecord(folder, spec, planned, retry_failed=retry_failed)
         record.write(runner.describe())
         pending = record.pending()

@@ -15,6 +15,9 @@
     [methods.magnitude]                    # one method's overrides; also `targets`, `target` (the kind)
     finetune_epochs = 1
 
+    [methods.none]                         # the dense control's overrides (no targets)
+    lr = 0.01
+
 Every problem (an unknown key or method, a target out of range) is one PrunelabError line naming it.
 """
 
@@ -102,7 +105,7 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
     overrides, targets, kinds = {}, {}, {}
     shared = _fractions(study.get("targets"), "[study] targets") if "targets" in study else None
     for name, table in tables.items():
-        if name not in methods:
+        if name not in methods and name != "none":
             raise PrunelabError(f"[methods.{name}] configures a method that is not in [study] methods "
                                 f"({', '.join(methods)})")
         if not isinstance(table, dict):
@@ -123,6 +126,12 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
         kinds[name] = kind
         targets[name] = tuple(values) if kind is not None else ()
         overrides[name] = _settings(table, f"[methods.{name}]")
+    # [methods.none]: the dense control's own settings (a net that diverges at the methods' learning rate)
+    control = dict(tables.get("none", {}))
+    if control.keys() & set(METHOD_KEYS):
+        raise PrunelabError("[methods.none] sets targets: the dense control prunes nothing")
+    if control:
+        overrides["none"] = _settings(control, "[methods.none]")
     seeds = study.get("seeds", [0])
     if (not isinstance(seeds, list) or not seeds
             or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
