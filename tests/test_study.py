@@ -315,6 +315,22 @@ def test_the_report_reads_the_numbers_of_each_run(reported):
     assert write_report(folder) == folder / "report.md" and (folder / "report.md").read_text() == report
 
 
+def test_the_report_shows_each_round_of_an_iterative_method(tmp_path, data_root):
+    path = study_file(tmp_path, 'methods = ["relief"]\nbaselines = false\ncontrol = false\nseeds = [0, 1]\n',
+                      data_root=data_root, extra="[methods.relief]\nrounds = 2\nmethod_options = { examples = 50 }\n")
+    record = run_study(path, progress=False)
+    report = write_report(tmp_path / "s").read_text()
+    assert "### Rounds of relief (2 seed(s))" in report
+    stages = [json.loads((tmp_path / "s" / r["folder"] / "result.json").read_text())["stage_results"]
+              for r in record["runs"]]
+    assert [s["stage"] for s in stages[0]] == ["pretrain", "finetune-1", "finetune-2"]
+    for i, stage in enumerate(s["stage"] for s in stages[0]):
+        remaining = [100 * (1 - seed[i]["sparsity"]) for seed in stages]
+        mean, std = sum(remaining) / 2, abs(remaining[0] - remaining[1]) / 2 ** 0.5
+        assert f"| {stage} | {mean:.2f} ± {std:.2f} |" in report
+    assert stages[0][2]["sparsity"] > stages[0][1]["sparsity"] > 0  # the second round prunes further
+
+
 def test_report_of_a_folder_without_a_study_says_so(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "is not a study folder (no study.json)" in capsys.readouterr().err

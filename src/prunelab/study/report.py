@@ -54,6 +54,7 @@ def write_report(study_dir: str | Path, references: str | Path | None = None) ->
         lines += [f"![error against {metric}]({os.path.relpath(path, folder)})" for metric, path in written.items()]
         lines.append("")
         lines += _tables(mine)
+        lines += _steps([r for r in runs if (r["model"], r["dataset"]) == (model, dataset) and r.get("result")])
     lines += _literature(cited, source, folder)
     lines += _effective_note()
     lines += _unfinished(runs)
@@ -94,10 +95,12 @@ def _header(data: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
     overrides = {m: o for m, o in spec["overrides"].items() if o}
     if overrides:
         lines += ["Per-method overrides:", ""]
-        lines += [f"* {'dense control' if m == 'none' else m}: " + ", ".join(f"{k} = {_value(v)}" for k, v in o.items()) for m, o in overrides.items()]
+        lines += [f"* {'dense control' if m == 'none' else m}: " + ", ".join(f"{k} = {_value(v)}" for k, v in o.items())
+                  for m, o in overrides.items()]
         lines.append("")
     targets = {f"{m} ({spec['kinds'][m]})": t for m, t in spec["targets"].items() if t}
-    lines += ["Targets: " + "; ".join(f"{m}: {', '.join(f'{v:g}' for v in t)}" for m, t in targets.items()), ""]
+    listed = "; ".join(f"{m}: {', '.join(f'{v:g}' for v in t)}" for m, t in targets.items())
+    lines += ["Targets: " + (listed or "none (each method sets its own amount)"), ""]
     lines += ["Each method's resolved schedule (from a finished run's config):", "",
               "| method | " + " | ".join(SCHEDULE_COLUMNS) + " |", "|---" * (len(SCHEDULE_COLUMNS) + 1) + "|"]
     seen = set()
@@ -162,6 +165,47 @@ def _row(group: Group) -> str:
     return (f"| {name} | {group.mean('error'):.2f} ± {group.std('error'):.2f} | {group.n} | "
             f"{group.mean('sparsity'):.4f} | {'n/a' if effective is None else f'{effective:.4f}'} | "
             f"{group.mean('compression'):.2f}x | {group.mean('flops'):.2f}x | {missing} |")
+
+
+def _steps(runs: list[dict[str, Any]]) -> list[str]:
+    """Runs that prune more than once: iterative rounds (mean ± std over seeds, stage by stage) and
+    pruning during training (LOBSTER's phases, run by run). The test error at each step is only reported:
+    nothing in a run is chosen by it."""
+    lines = []
+    rounds = {}
+    for run in runs:
+        if len(run["result"].get("stage_results", [])) > 1:
+            rounds.setdefault((run["label"], run["kind"], run["target"]), []).append(run["result"]["stage_results"])
+    for (label, kind, target), results in rounds.items():
+        title = f"{label}" + (f" at {kind} {target:g}" if kind else "")
+        lines += [f"### Rounds of {title} ({len(results)} seed(s))", "",
+                  "| stage | remaining weights % | compression | test error % | validation error % | n |",
+                  "|---|---|---|---|---|---|"]
+        for stage in dict.fromkeys(s["stage"] for stages in results for s in stages):
+            at = [s for stages in results for s in stages if s["stage"] == stage]
+            remaining = _spread([100 * (1 - s["sparsity"]) for s in at])
+            test, val = _spread([100 * s["test_error"] for s in at]), _spread([100 * s["val_error"] for s in at])
+            compression = sum(s["compression_ratio"] for s in at) / len(at)
+            lines.append(f"| {stage} | {remaining} | {compression:.2f}x | {test} | {val} | {len(at)} |")
+        lines.append("")
+    for run in runs:
+        events = [e for e in run["result"].get("prune_events", []) if "epoch" in e and "test_error" in e]
+        if len(events) < 2:
+            continue
+        lines += [f"### Pruning during training: {run['label']}, seed {run['seed']} ({len(events)} steps)", "",
+                  "| epoch | compression | remaining (all parameters) % | test error % | validation error % |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {e['epoch']} | {e['compression_ratio']:.2f}x | {100 * (1 - e['sparsity_all']):.2f} | "
+                  f"{100 * e['test_error']:.2f} | "
+                  + (f"{100 * e['val_error']:.2f} |" if e.get("val_error") is not None else "- |") for e in events]
+        lines.append("")
+    return lines
+
+
+def _spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f}"
 
 
 def _literature(points: list[dict[str, Any]], source: Path | None, folder: Path) -> list[str]:
