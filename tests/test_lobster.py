@@ -78,6 +78,44 @@ def test_threshold_search_removes_something_when_tolerance_allows():
     assert midpoint.threshold >= search.threshold and math.isinf(midpoint.loss)
 
 
+def counted_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_evaluate_stops_once_the_mean_loss_is_proven_above_a_value():
+    model, _ = tiny_problem(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    data = (x, torch.randint(0, 3, (64,), generator=gen))
+    calls = counted_forwards(model)
+    full = prunelab.evaluate(model, data, batch_size=8)
+    assert len(calls) == 8 and "stopped" not in full
+    assert prunelab.evaluate(model, data, batch_size=8, stop_above=full["loss"] * 1.01) == full  # never proven
+    calls.clear()
+    early = prunelab.evaluate(model, data, batch_size=8, stop_above=full["loss"] / 4)
+    assert early["stopped"] and early["error"] is None and len(calls) < 8
+    assert full["loss"] / 4 < early["loss"] <= full["loss"]  # a lower bound of the mean, above the value
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_early_exit_search_makes_the_same_decisions_for_fewer_forward_passes(seed):
+    model, _ = tiny_problem(seed)
+    gen = torch.Generator().manual_seed(seed + 10)
+    x = torch.randn(256, 5, generator=gen, dtype=torch.float64)
+    data = (x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long())
+    params = lobster.covered_parameters(model)
+    calls = counted_forwards(model)
+    loss_at = lambda stop_above=None: prunelab.evaluate(model, data, batch_size=16, stop_above=stop_above)["loss"]
+    exact = lobster.find_threshold(model, params, loss_at, twt=0.05)
+    exact_calls = len(calls)
+    calls.clear()
+    early = lobster.find_threshold(model, params, loss_at, twt=0.05, early_exit=True)
+    assert early == exact  # threshold, reference loss, loss at it, bound and number of trials
+    assert len(calls) < exact_calls
+
+
 def test_pinned_parameters_stay_zero_through_momentum_training():
     model = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
     schedule = Lobster(model, val_data=None, options={"lambda": 1e-2})

@@ -148,16 +148,23 @@ def _top1_wrong(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 1000, device: str | torch.device | None = None, *,
-             loss_fn: Callable | None = None, get_logits: Callable | None = None) -> dict:
+             loss_fn: Callable | None = None, get_logits: Callable | None = None,
+             stop_above: float | None = None) -> dict:
     """Top-1 and top-5 error (fractions) and mean loss of ``model`` on ``data``.
 
     ``data``: a Dataset, a DataLoader (iterated as it is), an iterable of batches or an (inputs, targets)
     pair (see ``prunelab.data.feed``). ``loss_fn(logits, targets)`` defaults to cross-entropy and
     ``get_logits`` picks the logits from the model's output. ``device``: the model's, unless given.
+
+    ``stop_above``: stop as soon as the mean loss is proven to exceed this value: with cross-entropy
+    (never negative) on a classifier and data of known length, the sum so far divided by the number of
+    examples is a lower bound of the mean. The result is then ``{"loss": that bound, "stopped": True}``
+    with the errors None. Other losses and outputs always run to the end.
     """
     data = feed.as_feed(data, loss_fn=loss_fn, get_logits=get_logits)
     if data.length == 0:
         return {"error": None, "top5_error": None, "loss": None}
+    can_stop = stop_above is not None and data.loss_fn is feed.default_loss and data.length is not None
     was_training = model.training
     model.eval()
     wrong1 = wrong5 = n = 0
@@ -179,6 +186,8 @@ def evaluate(model: nn.Module, data, batch_size: int = 1000, device: str | torch
             else:
                 loss += data.loss_fn(logits, targets).item() * counted
             wrong1, wrong5, n = wrong1 + w1, wrong5 + w5, n + counted
+            if can_stop and logits.dim() == 2 and loss / data.length > stop_above:
+                return {"error": None, "top5_error": None, "loss": loss / data.length, "stopped": True}
     finally:
         model.train(was_training)
     if n == 0:

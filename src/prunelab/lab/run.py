@@ -484,7 +484,8 @@ class Run:
         method = pruning.get_method(cfg.method)
         common = dict(seed=cfg.seed, scope=cfg.scope, include_bias=cfg.include_bias)
         if method.schedule == "lobster":
-            schedule = schedules.Lobster(self.model, self.val, options=dict(cfg.method_options))
+            schedule = schedules.Lobster(self.model, self.val, options=dict(cfg.method_options),
+                                         eval_batch_size=cfg.eval_batch_size)
         elif method.schedule == "periodic":
             options = method.parse_options(cfg.method_options)
             schedule = schedules.Periodic(self.model, method.name, sparsity=cfg.sparsity, data=self.train,

@@ -27,14 +27,17 @@ class Lobster(Schedule):
     plateau rule and, on a plateau, a pruning phase whose threshold search evaluates ``val_data``.
 
     ``options``: LOBSTER's (``lambda``, ``pwe``, ``twt``, ``weights_only``, ``reference_midpoint``,
-    ``stop_after``, ``plateau_tolerance``), as keyword arguments or a dict.
+    ``stop_after``, ``plateau_tolerance``), as keyword arguments or a dict. ``eval_batch_size``: of the
+    validation passes (on a CPU, a CNN evaluates several times faster in batches of 100 than of 1000).
     """
 
     def __init__(self, model: nn.Module, val_data, *, loss_fn: Callable | None = None,
-                 get_logits: Callable | None = None, options: dict | None = None, **more_options):
+                 get_logits: Callable | None = None, options: dict | None = None, eval_batch_size: int = 1000,
+                 **more_options):
         super().__init__(model)
         self.options = LobsterOptions.parse("lobster", {**(options or {}), **more_options}).as_dict()
         self.val_data, self.loss_fn, self.get_logits = val_data, loss_fn, get_logits
+        self.eval_batch_size = eval_batch_size
         self.params = covered_parameters(model, self.options["weights_only"])
         self.regulariser = Regulariser(self.params, self.options["lambda"])
         self.plateau = Plateau(self.options["pwe"], self.options["plateau_tolerance"])
@@ -45,8 +48,9 @@ class Lobster(Schedule):
         super().step()
         self.regulariser.apply()
 
-    def val_loss(self) -> float:
-        return evaluate(self.model, self.val_data, loss_fn=self.loss_fn, get_logits=self.get_logits)["loss"]
+    def val_loss(self, stop_above: float | None = None) -> float:
+        return evaluate(self.model, self.val_data, self.eval_batch_size, loss_fn=self.loss_fn,
+                        get_logits=self.get_logits, stop_above=stop_above)["loss"]
 
     def epoch_end(self, val_loss: float | None = None, epoch: int | None = None) -> dict | None:
         """Plateau bookkeeping for an epoch whose validation loss was ``val_loss`` (measured on ``val_data``
@@ -63,7 +67,7 @@ class Lobster(Schedule):
         self.plateau.reset()
         before = metrics.sparsity_summary(self.model)["compression_ratio"]
         search = find_threshold(self.model, self.params, self.val_loss, self.options["twt"],
-                                self.options["reference_midpoint"])
+                                self.options["reference_midpoint"], early_exit=True)
         self._attach_masks(apply_threshold(self.params, search.threshold))
         summary = metrics.sparsity_summary(self.model)
         gain = summary["compression_ratio"] > before * (1 + 1e-9)
