@@ -101,6 +101,36 @@ def test_training_is_deterministic_and_budget_exact():
     assert not torch.equal(a[1].weight, c[1].weight)
 
 
+def test_channels_last_trains_the_same_network_in_the_other_layout():
+    gen = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 2, (32,), generator=gen), ["a", "b"])
+    mask, seen = torch.rand(4, 3, 3, 3, generator=gen) > 0.5, []
+
+    def train(channels_last):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+        prunelab.masking.attach(model, {"0.weight": mask})
+        model[0].register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        config = TrainConfig(epochs=2, batch_size=8, lr=0.1, channels_last=channels_last)
+        Trainer(model, data, config, seed=0, progress=False).run_epoch(0)
+        return model
+    nchw, nhwc = train(False), train(True)
+    assert not any(seen[:4]) and all(seen[4:])  # the second run's batches reached the conv as NHWC
+    assert nhwc[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(nchw[0].weight, nhwc[0].weight, atol=1e-5)
+    assert torch.equal(nhwc[0].weight == 0, nchw[0].weight == 0)  # the masks hold in either layout
+
+
+def test_device_auto_is_the_gpu_when_torch_sees_one():
+    from prunelab.lab.config import defaults, make_config
+    from prunelab.lab.run import resolve
+    auto = resolve(make_config({**defaults(), "model": "lenet300-100", "device": "auto"}))
+    assert auto.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    explicit = resolve(make_config({**defaults(), "model": "lenet300-100", "device": auto.device}))
+    assert auto.digest() == explicit.digest()
+
+
 def test_divergence_is_reported():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     with torch.no_grad():

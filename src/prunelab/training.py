@@ -52,6 +52,8 @@ class TrainConfig:
     eval_batch_size: int = option(1000, "evaluation batch size")
     amp: bool = option(False, "mixed-precision training: float16 autocast with loss scaling on CUDA, bfloat16 "
                               "autocast on the CPU (evaluation stays in float32)")
+    channels_last: bool = option(False, "train conv nets in the channels-last memory layout (NHWC: faster "
+                                        "convolutions on GPUs with tensor cores, and often on CPUs)")
 
     def __post_init__(self):
         self.check()
@@ -222,6 +224,9 @@ class Trainer:
         # the trainer cuts global batches and shards them; a DataLoader or plain iterable is already per rank
         self.sharded = self.distributed and self.data._loader is None and self.data.seekable
         self.amp = bool(getattr(config, "amp", False))
+        self.channels_last = bool(getattr(config, "channels_last", False))
+        if self.channels_last:  # the 4-D weights (and masks) in place; inputs follow in run_epoch
+            self.model.to(memory_format=torch.channels_last)
         # autocast where the weights are: float16 with loss scaling on CUDA, bfloat16 elsewhere
         self.amp_device = next(self.model.parameters(), torch.empty(0)).device.type
         self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.amp_device == "cuda" else None
@@ -262,6 +267,8 @@ class Trainer:
                 weight = 1.0
                 if self.sharded:  # this rank's chunk of the global batch, and its loss's weight
                     inputs, targets, weight = dist_.shard(inputs, targets)
+                if self.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(self.amp_device, dtype=autocast_dtype, enabled=self.amp):
                     logits = self.data.logits(model, inputs)
                     targets = targets.to(logits.device)

@@ -73,7 +73,7 @@ class RunConfig(TrainConfig):
     seed: int = option(0, "seed of every random choice (initialisation, split, batches, random methods)")
     out: str | None = option(None, "run folder (default: runs/<model>_<dataset>_<method>_<hash>); an "
                                    "existing one resumes")
-    device: str = option("cpu", "torch device, e.g. cpu or cuda")
+    device: str = option("cpu", "torch device, e.g. cpu, cuda, or auto (cuda when torch sees a GPU, else cpu)")
     threads: int | None = option(None, "CPU threads for torch")
     latency: bool = option(True, "measure CPU inference latency at the end")
 
@@ -110,7 +110,8 @@ class RunConfig(TrainConfig):
 # where a run is written, how fast, and which folder its checksummed data comes from: never its result
 UNHASHED = ("out", "threads", "latency", "data_root")
 LATER_KEYS = {"normalize_inputs": True, "keep_best": False, "reinit_init": None, "channels": 0.0, "parameters": 0.0,
-              "prune_every": None, "prune_end": None, "eval_batch_size": 1000, "amp": False}
+              "prune_every": None, "prune_end": None, "eval_batch_size": 1000, "amp": False,
+              "channels_last": False}
 _TRAINING = {f.name for f in fields(TrainConfig)}
 # the run's own keys first (what to prune, model and data), then the training settings
 FIELDS = {f.name: f for f in sorted(fields(RunConfig), key=lambda f: f.name in _TRAINING)}

@@ -116,7 +116,7 @@ def resolve(config: RunConfig) -> RunConfig:
         if not config.reinit:
             raise PrunelabError("reinit_init names the initialisation of reinit's fresh draw: set reinit = true")
         resolve_scheme(config.reinit_init)
-    _check_device(config.device)
+    device = _resolve_device(config.device)
     if isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
         raise PrunelabError(f"seed must be an integer in [0, 2**63), got {config.seed}")
     for name, value in asdict(config).items():
@@ -136,7 +136,7 @@ def resolve(config: RunConfig) -> RunConfig:
     # a step budget overrides epochs: drop them, so that one experiment has one digest however it is given
     epochs = None if config.iterations is not None else config.epochs
     resolved = replace(config, model=model_name, dataset=dataset, when=when, scope=scope,
-                       finetune_epochs=finetune_epochs, epochs=epochs)
+                       finetune_epochs=finetune_epochs, epochs=epochs, device=device)
     resolved.train_config()  # validates the optimizer and schedule settings
     return resolved
 
@@ -170,6 +170,15 @@ def _resolve_names(config: RunConfig) -> tuple[str, str]:
 def _label(name: str) -> str:
     """A model or dataset name as part of a folder name: a factory's colon becomes a dot."""
     return name.replace(":", ".")
+
+
+def _resolve_device(name: str) -> str:
+    """``auto``: the GPU when torch sees one, else the CPU (resolved here, so the run's digest and
+    config name the device it really ran on); any other name is checked."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_device(name)
+    return name
 
 
 def _check_device(name: str) -> None:
