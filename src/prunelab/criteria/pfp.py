@@ -74,8 +74,17 @@ Options: ``mode``, ``delta`` (delta_S = delta_failure; 1e-16 = the code's defaul
 paper's configs use 1e-12 for LeNet-300-100 and 1e-9 for LeNet-5), ``points`` (|S|; None = from delta),
 ``batch_size`` (None = 64 for single-channel inputs, PFP's MNIST batch, else 128), ``c`` (3),
 ``target``, ``mask_bias``, and ``round_to`` (ours, default 1 = the paper): each layer's in_l(eps) is
-rounded to the nearest multiple of it (at least one multiple; layers no wider than it are left alone),
+rounded to the nearest multiple of it (at least one multiple; layers narrower than it are left alone),
 so that compact layers have channel counts the CPU's vector kernels handle well (8 or 16).
+``round_to="auto"`` (ours) takes the multiple from ``prunelab.backend_probe.channel_multiple``: the step
+of the latency staircase of a conv of the model's heaviest shape (kernel, feature-map size, input
+width; batch 64, one thread, channels-last), measured once per process (16 on an AVX-512 CPU), or the
+value set by ``backend_probe.set_channel_multiple`` / ``PRUNELAB_CHANNEL_MULTIPLE``. Given that value
+the plan is deterministic; ``PFPPlan.round_to`` records it. The bisection on eps still meets the target.
+``allocation`` (ours, default "paper" = one eps for all layers): "latency" gives layer l the error level
+eps (t_l / t)^(1/3), t_l its measured time per input unit at full width
+(``prunelab.backend_probe.layer_latency``: batch 64, one thread, channels-last), t their geometric mean, so
+layers that cost more time per channel are cut more (``_set_allocation`` derives the exponent).
 """
 
 from __future__ import annotations
@@ -100,6 +109,7 @@ from ..options import Options, option
 from ..selection import check_sparsity
 
 MODES = ("deterministic", "sample", "hybrid")
+ALLOCATIONS = ("paper", "latency")
 TARGETS = ("weights", "all")
 _EPS = float(torch.finfo(torch.float32).eps)
 _CHUNK = 1 << 22  # elements per evaluation step (about 16 MB of float32)
@@ -506,16 +516,21 @@ class _Layer:
     total: float = 0.0
     alpha: float = 0.0
     round_to: int = 1
+    input_shape: tuple = ()
+    log_eps_scale: float = 0.0           # allocation="latency": log of this layer's error-level factor
+    latency_ms: float | None = None
 
     def kept_units(self, log_eps: float) -> int:
         n_alive = int(self.alive.sum())
         if self.total <= 0 or n_alive == 0:
             return min(1, n_alive)
-        log_m = _log_draws(log_eps, self.total, self.alpha)
+        log_m = _log_draws(log_eps + self.log_eps_scale, self.total, self.alpha)
         draws = math.exp(log_m) if log_m < 700 else float("inf")
         unique = expected_unique(self.sensitivity / self.total, draws)
         kept = max(1, min(n_alive, math.ceil(unique - 1e-9)))
-        if self.round_to > 1 and n_alive > self.round_to:  # nearest multiple: still monotone in eps
+        # Nearest multiple: still monotone in eps. A layer exactly one multiple wide is kept whole: any
+        # narrower count runs no faster on a blocked backend, so its multiply-adds are better cut elsewhere.
+        if self.round_to > 1 and n_alive >= self.round_to:
             kept = min(n_alive, self.round_to * max(1, round(kept / self.round_to)))
         return kept
 
@@ -533,15 +548,28 @@ class PFPPlan:
     scales: dict[str, torch.Tensor]
     layers: list[dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
+    round_to: int = 1                    # the multiple used ("auto" resolved)
+    allocation: str = "paper"
     _selector: Any = field(default=None, repr=False)
 
-    def at(self, sparsity: float) -> "PFPPlan":
+    def at(self, sparsity: float, *, round_to: int | str | None = None,
+           allocation: str | None = None) -> "PFPPlan":
         """The plan for another target from the same sensitivities: no second pass over S.
 
-        Equal to ``plan(...)`` called again with ``sparsity`` and the same seed (same S, same draws in the
-        sampling modes), at the cost of the allocation search only; the unit of ``sparsity`` is this
-        plan's (``target``). For callers that search a ratio (e.g. one meeting a FLOP budget)."""
+        Equal to ``plan(...)`` called again with ``sparsity`` (and ``round_to`` / ``allocation``, when
+        given; else this plan's) and the same seed (same S, same draws in the sampling modes), at the cost of the
+        allocation search only; the unit of ``sparsity`` is this plan's (``target``). For callers that
+        search a ratio (e.g. one meeting a FLOP budget)."""
         started = time.perf_counter()
+        layers = self._selector.layers
+        if round_to is not None or allocation is not None:
+            check_options(**({} if round_to is None else {"round_to": round_to}),
+                          **({} if allocation is None else {"allocation": allocation}))
+        multiple = self.round_to if round_to is None else _resolve_round_to(round_to, layers)
+        for layer in layers:
+            layer.round_to = multiple
+        self._selector.allocation = self.allocation if allocation is None else allocation
+        _set_allocation(layers, self._selector.allocation)
         result = _allocate(self._selector, check_sparsity(sparsity), self.points)
         result.seconds = {**self.seconds, "allocation": time.perf_counter() - started}
         return result
@@ -579,9 +607,11 @@ def _layers(model: nn.Module, params: Mapping[str, torch.Tensor], graph: structu
         if owner is not None and isinstance(owner, nn.RNNBase):
             raise PrunelabError("pfp supports Linear and Conv2d layers, not recurrent layers")
     shapes: dict[str, tuple] = {}
+    inputs: dict[str, tuple] = {}  # for allocation="latency", which times each layer at its own shape
     def record(name):
         def hook(_module, _args, output):
             shapes.setdefault(name, tuple(output.shape))  # returns None: the output is left alone
+            inputs.setdefault(name, tuple(_args[0].shape))
         return hook
 
     run_with_hooks(model, example, [named[n].register_forward_hook(record(n)) for n in chosen])
@@ -617,7 +647,8 @@ def _layers(model: nn.Module, params: Mapping[str, torch.Tensor], graph: structu
             kernel = math.prod(module.kernel_size) * per_unit
             patches = math.prod(shapes[name][2:])
         eta = int(math.prod(shapes[name][1:]))
-        layers.append(_Layer(name, module, n_units, feature_units, unit_features, patches, kernel, eta, group))
+        layers.append(_Layer(name, module, n_units, feature_units, unit_features, patches, kernel, eta, group,
+                             input_shape=inputs[name]))
     if not layers:
         raise PrunelabError("pfp found no Linear/Conv2d layer among the prunable parameters")
     return layers
@@ -787,8 +818,68 @@ class PfpOptions(Options):
     target: str = option("weights", "what the target counts: the prunable weights, or all parameters (PR)",
                          choices=TARGETS)
     mask_bias: bool = option(True, "also mask the removed channels' biases and BatchNorm entries")
-    round_to: int = option(1, "round each layer's channel budget to a multiple of this (ours; 1 = the paper)",
-                           low=1, flag=True)
+    round_to: int | str = option(1, "round each layer's channel budget to a multiple of this (ours; 1 = the "
+                                    "paper); 'auto': the step measured on this CPU (prunelab.backend_probe)",
+                                 low=1, flag=True)
+    allocation: str = option("paper", "one error level for all layers (the paper), or 'latency' (ours): layers "
+                                      "that take longer per channel get a larger one", choices=ALLOCATIONS)
+
+    def check(self) -> None:
+        if isinstance(self.round_to, str) and self.round_to != "auto":
+            raise PrunelabError(f"method 'pfp' option round_to must be a positive integer or 'auto', "
+                                f"got {self.round_to!r}")
+
+
+def _probe_shape(layers: list[_Layer]) -> tuple[str, dict]:
+    """The backend probe's layer shape for ``round_to="auto"``: the (kernel, feature-map size) class of
+    conv layers with the most multiply-adds (the first on a tie), its median input width; a model
+    without a Conv2d layer probes its Linear layers' median input width."""
+    convs = [l for l in layers if isinstance(l.module, nn.Conv2d)]
+    if not convs:
+        widths = sorted(l.module.in_features for l in layers if isinstance(l.module, nn.Linear)) or [32]
+        return "linear", {"width": widths[len(widths) // 2]}
+    macs: dict[tuple, int] = {}
+    for l in convs:
+        key = (l.module.kernel_size[0], max(1, round(math.sqrt(l.patches))))
+        macs[key] = macs.get(key, 0) + l.module.weight.numel() * l.patches
+    kernel, size = max(macs, key=macs.get)  # max keeps the first of equals: deterministic
+    widths = sorted(l.module.in_channels for l in convs
+                    if (l.module.kernel_size[0], max(1, round(math.sqrt(l.patches)))) == (kernel, size))
+    return "conv2d", {"width": widths[len(widths) // 2], "size": size, "kernel": kernel}
+
+
+def _set_allocation(layers: list[_Layer], allocation: str) -> None:
+    """Each layer's error-level factor: 1 (the paper), or for "latency" (ours) (t_l / t)^(1/3), t_l the
+    measured time of layer l per input unit at its full width (batch 64, one thread, channels-last), t
+    their geometric mean. Why 1/3: m_l = K_l / eps_l^2 draws, and minimising sum_l t_l m_l for a fixed
+    sum_l eps_l gives eps_l proportional to (t_l K_l)^(1/3); only the t_l part is applied, so equal
+    latencies give the paper's one eps. Still monotone in eps: the bisection meets the target as before."""
+    if allocation == "paper":
+        for layer in layers:
+            layer.log_eps_scale = 0.0
+        return
+    from .. import backend_probe
+
+    for layer in layers:
+        if layer.latency_ms is None:
+            layer.latency_ms = backend_probe.layer_latency(layer.module, layer.input_shape[1:])
+    scored = [l for l in layers if l.total > 0 and l.latency_ms > 0]
+    if not scored:
+        return
+    logs = {l.name: math.log(l.latency_ms / l.n_units) for l in scored}
+    mean = sum(logs.values()) / len(logs)
+    for layer in layers:
+        layer.log_eps_scale = (logs[layer.name] - mean) / 3.0 if layer.name in logs else 0.0
+
+
+def _resolve_round_to(round_to: int | str, layers: list[_Layer]) -> int:
+    """round_to as an integer: "auto" asks the backend probe (cached per process)."""
+    if round_to != "auto":
+        return int(round_to)
+    from .. import backend_probe
+
+    kind, shape = _probe_shape(layers)
+    return backend_probe.channel_multiple(kind, **shape)
 
 
 def check_options(**options) -> None:
@@ -800,14 +891,15 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
          generator: torch.Generator, alive: Mapping[str, torch.Tensor] | None = None,
          mode: str = PfpOptions.mode, delta: float = PfpOptions.delta, points: int | None = None,
          batch_size: int | None = None, c: float = PfpOptions.c, target: str = PfpOptions.target,
-         mask_bias: bool = PfpOptions.mask_bias, round_to: int = PfpOptions.round_to) -> PFPPlan:
+         mask_bias: bool = PfpOptions.mask_bias, round_to: int | str = PfpOptions.round_to,
+         allocation: str = PfpOptions.allocation) -> PFPPlan:
     """Compute PFP's masks for ``sparsity`` without touching the model (see the module docstring).
 
     The sensitivities are computed once: ``plan(...).at(other)`` gives the plan for another target
     from them (a search over ratios scores once)."""
     sparsity = check_sparsity(sparsity)
     check_options(mode=mode, delta=delta, points=points, batch_size=batch_size, c=c, target=target,
-                  round_to=round_to)
+                  round_to=round_to, allocation=allocation)
     if data is None:
         raise PrunelabError("method 'pfp' needs data to score (pass data=...)")
     alive = dict(alive or {})
@@ -819,6 +911,7 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
     graph = structure.channel_graph(model, example)
     layers = _layers(model, params, graph, example)
     timings["graph"] = time.perf_counter() - started
+    round_to = _resolve_round_to(round_to, layers)
 
     if points is None:
         points = sample_size([l.eta for l in layers], delta, c, batch_size)
@@ -842,8 +935,10 @@ def plan(model: nn.Module, params: Mapping[str, torch.Tensor], data, sparsity: f
         layer.total = float(layer.sensitivity.sum())
         layer.alpha = _alpha(layer.patches, layer.kernel, delta, c)
         layer.round_to = round_to
+    _set_allocation(layers, allocation)
 
     selector = _Selector(model, params, graph, layers, alive, mode, mask_bias, target, generator)
+    selector.allocation = allocation
     result = _allocate(selector, sparsity, feed.count(inputs))
     timings["allocation"] = time.perf_counter() - started
     result.seconds = timings
@@ -879,6 +974,7 @@ def _allocate(selector: _Selector, sparsity: float, points: int) -> PFPPlan:
             if abs(result[0] - goal) < abs(best[0] - goal):
                 best = (*result, log_eps)
     count, masks, kept, scales, counts, log_eps = best
+    round_to = layers[0].round_to if layers else 1
 
     weight_scales = {}
     for layer in layers:
@@ -890,10 +986,10 @@ def _allocate(selector: _Selector, sparsity: float, points: int) -> PFPPlan:
     report_layers = [{
         "name": l.name, "units": l.n_units, "alive": int(l.alive.sum()), "kept": int(kept[l.name].sum()),
         "allocated": counts[l.name], "total_sensitivity": l.total, "patches": l.patches, "kernel": l.kernel,
-        "eta": l.eta} for l in layers]
+        "eta": l.eta, "latency_ms": l.latency_ms, "eps_factor": math.exp(l.log_eps_scale)} for l in layers]
     return PFPPlan(points=points, epsilon=math.exp(log_eps) if log_eps < 700 else float("inf"),
                    target=goal, kept=count, total=goal_total, masks=masks, scales=weight_scales,
-                   layers=report_layers, _selector=selector)
+                   layers=report_layers, round_to=round_to, allocation=selector.allocation, _selector=selector)
 
 
 def pfp_pruner(model, params, *, sparsity, scope, alive, data, generator, **options):
