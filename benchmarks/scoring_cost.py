@@ -14,13 +14,13 @@ count the time other jobs hold the core (wall times are recorded too).
 Methods run with their defaults and a 50% target (``sparsity`` or ``channels``; ``relief`` sets its own).
 "lobster-phase" is one LOBSTER pruning phase as the lab runs it: one
 ``prunelab.criteria.lobster.find_threshold`` with the early exit, on the first ``--val`` validation images
-in batches of ``--eval-batch`` (100, set in the lab by ``eval_batch_size``, whose default 1000 runs
-ResNet-56 2.6x slower on this CPU); its cost is linear in the number of images (the lab uses the whole
-validation split). The network is trained for ``--lobster-steps`` SGD steps first (cached in
-runs/scoring_cost/): at initialisation every threshold
-keeps the loss near log(10), and the bisection runs to its width limit (34 trials) instead of the 8-19 of
-a trained network. isparse and nisp refuse residual networks: recorded as "refused" with the reason. The
-other methods score networks at initialisation (only relief's sparsity depends on training).
+in batches of ``--eval-batch`` (100, set in the lab by ``eval_batch_size``, default 1000: large batches of
+a CNN's activations run slower on this CPU); its cost is linear in the number of images (the lab uses the
+whole validation split). The network is trained for ``--lobster-steps`` SGD steps first (cached in
+runs/scoring_cost/): at initialisation every threshold keeps the loss near log(10), and the bisection runs
+to its width limit (34 trials) instead of the 5-12 of a trained network. isparse and nisp refuse residual
+networks: recorded as "refused" with the reason. The other methods score networks at initialisation (only
+relief's sparsity depends on training).
 Writes OUT.json, OUT.md and OUT.png (ratio against parameter count).
 """
 
@@ -74,12 +74,13 @@ def train_step_seconds(name: str, batch) -> tuple[float, float]:
 
 
 def trained_briefly(name: str, train, steps: int) -> dict:
-    """The network's weights after ``steps`` SGD steps at batch 128 (lr 0.05, momentum 0.9), cached."""
-    path = ROOT / "runs" / "scoring_cost" / f"{name}_sgd{steps}.safetensors"
+    """The network's weights after ``steps`` SGD steps at batch 128 (lr 0.01, momentum 0.9: LeNet-5-Caffe
+    without ReLU diverges at 0.05), cached."""
+    path = ROOT / "runs" / "scoring_cost" / f"{name}_sgd{steps}_lr0.01.safetensors"
     if path.exists():
         return checkpoint.load_tensors(path)[0]
     model = prunelab.build_model(name, seed=0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     order = torch.randperm(len(train.targets), generator=torch.Generator().manual_seed(0))
     for step in range(steps):
         batch = order[(step * BATCH) % len(order):][:BATCH]

@@ -28,7 +28,7 @@ class Lobster(Schedule):
 
     ``options``: LOBSTER's (``lambda``, ``pwe``, ``twt``, ``weights_only``, ``reference_midpoint``,
     ``stop_after``, ``plateau_tolerance``), as keyword arguments or a dict. ``eval_batch_size``: of the
-    validation passes (on a CPU, a CNN evaluates several times faster in batches of 100 than of 1000).
+    validation passes (on a CPU, a CNN often evaluates faster in batches of 100 than of 1000).
     """
 
     def __init__(self, model: nn.Module, val_data, *, loss_fn: Callable | None = None,
