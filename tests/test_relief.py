@@ -268,6 +268,8 @@ def test_a_target_for_relief_is_an_error_not_a_silent_no_op(target):
     dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
     dict(kernel_size=1, stride=2),
     dict(kernel_size=5, padding=2),
+    dict(kernel_size=(2, 4), padding="same"),   # stride 1: the row-block Gram, with torch's uneven padding
+    dict(kernel_size=3, padding="valid"),
 ])
 def test_fro_contributions_of_strided_dilated_and_odd_kernels(conv):
     torch.manual_seed(0)

@@ -166,8 +166,7 @@ def find_threshold(model: nn.Module, params: dict[str, nn.Parameter], loss_at: C
     # the bracket's ends and start come from the weights alone (biases and BatchNorm shifts are thresholded
     # too, but a large bias must not stretch the bracket), as the authors' threshold_scheduler.py does
     weights = [o.abs()[o != 0] for n, o in originals.items() if n.endswith("weight") and (o != 0).any()]
-    bound = math.inf
-    reference = trial(0.0)
+    reference = trial(0.0)  # the first trial: never stopped early (the bound comes from it)
     bound = (1.0 + twt) * reference
     if not weights:
         return ThresholdSearch(0.0, reference, reference, bound, evaluations)

@@ -82,7 +82,8 @@ class ReliefOptions(Options):
                                      "threshold", choices=SELECTION)
     remove_dead: bool = option(True, "remove units that never activate on the pruning set")
     cleanup: bool = option(True, "remove units whose outgoing connections are all gone")
-    batch_size: int = option(250, "examples per forward pass", low=1)
+    batch_size: int = option(100, "examples per forward pass (memory and speed only: CNN activations of larger "
+                                  "batches run slower on CPUs)", low=1)
     precision: str = option("float32", "arithmetic of the conv layers' activity sums and slice norms: float32 "
                                        "(within about 1e-7 of float64, 1.5x faster) or float64",
                             choices=tuple(PRECISION))
@@ -174,15 +175,49 @@ def _slice_norm_sums(conv: nn.Conv2d, x_abs: torch.Tensor, dtype: torch.dtype = 
     k = weight.reshape(out_c, in_c, kk)
     pair_weight = (k[:, :, iu] * k[:, :, ju] * torch.where(iu == ju, 1.0, 2.0).to(dtype)).permute(1, 2, 0)
     total = torch.zeros(in_c, out_c, dtype=torch.float64)
-    positions = max(1, x_abs.shape[-2] * x_abs.shape[-1])
-    per = max(1, (1 << 18) // (in_c * kk * positions))       # unfolded chunks of 1-2 MB (cache-sized)
+    stride_one = conv.stride == (1, 1) and conv.dilation == (1, 1)
+    # chunks of samples whose copies (kw shifted maps, or kh*kw unfolded ones) fill 1-2 MB: cache-sized
+    copies = conv.kernel_size[1] if stride_one else kk
+    per = max(1, (1 << 18) // (in_c * copies * max(1, (x_abs.shape[-2] + 2) * x_abs.shape[-1])))
     for chunk in x_abs.split(per):
-        cols = F.unfold(chunk, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-        cols = cols.view(chunk.shape[0], in_c, kk, -1)
-        gram = cols @ cols.transpose(-1, -2)                 # (b, in, kk, kk)
+        gram = _row_gram(chunk, conv) if stride_one else _unfold_gram(chunk, conv)   # (b, in, kk, kk)
         squares = torch.bmm(gram[:, :, iu, ju].transpose(0, 1), pair_weight)    # (in, b, out)
-        total += squares.clamp_(min=0).sqrt_().double().sum(1)
+        total += squares.clamp_(min=0).sqrt_().sum(1)                            # into float64
     return total.T
+
+
+def _unfold_gram(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The Gram matrix of each (sample, channel)'s unfolded patches: (b, in, kk, kk)."""
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    cols = cols.view(x.shape[0], x.shape[1], -1, cols.shape[-1])
+    return cols @ cols.transpose(-1, -2)
+
+
+def _row_gram(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """:func:`_unfold_gram` for stride 1 and dilation 1, from kw column-shifted copies instead of kh*kw:
+    the patch entries of kernel row a, for every output position, are rows a .. a + h_out - 1 of the
+    padded map, a contiguous block of the copy, so block (a, a') of the Gram matrix is one matrix
+    product of two views (a third of the copying, and larger products, than unfolding)."""
+    kh, kw = conv.kernel_size
+    if conv.padding == "same":  # as torch pads it: the odd pixel after
+        (top, bottom), (left, right) = [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in (kh, kw)]
+    else:
+        (top, left) = (0, 0) if conv.padding == "valid" else conv.padding
+        bottom, right = top, left
+    b, c = x.shape[:2]
+    padded = F.pad(x, (left, right, top, bottom))
+    rows_in, w_out = padded.shape[-2], padded.shape[-1] - kw + 1
+    h_out = rows_in - kh + 1
+    shifted = torch.stack([padded[..., j:j + w_out] for j in range(kw)], 2).reshape(b * c, kw, rows_in * w_out)
+    rows = [shifted[:, :, a * w_out:(a + h_out) * w_out] for a in range(kh)]
+    gram = x.new_empty(b * c, kh, kw, kh, kw)
+    for a in range(kh):
+        for a2 in range(a, kh):
+            block = torch.bmm(rows[a], rows[a2].transpose(1, 2))
+            gram[:, a, :, a2, :] = block
+            if a2 != a:
+                gram[:, a2, :, a, :] = block.transpose(1, 2)
+    return gram.view(b, c, kh * kw, kh * kw)
 
 
 def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: torch.Tensor, *,
@@ -402,9 +437,9 @@ def _orphaned_units(graph, layers, masks: _Masks) -> dict[int, list[int]]:
     return orphans
 
 
-def _block_sums(model, layers):
-    """Hooks summing |bn2(conv2)| and |shortcut| of every basic block (the residual rule), for one pass:
-    (sums per block: [body, shortcut, count], handles)."""
+def _block_sums(model, layers, dtype=torch.float64):
+    """Hooks summing |bn2(conv2)| and |shortcut| of every basic block (the residual rule) over one pass,
+    each batch in ``dtype`` and the batches in float64: (sums per block: [body, shortcut, count], handles)."""
     blocks = {name: m for name, m in model.named_modules()
               if all(hasattr(m, a) for a in ("conv2", "bn2", "shortcut")) and isinstance(m.conv2, nn.Conv2d)}
     blocks = {n: b for n, b in blocks.items() if param_name(n, "conv2") in layers}
@@ -412,7 +447,7 @@ def _block_sums(model, layers):
 
     def hook(name, slot):
         def record(module, args, output):
-            total = output.detach().abs().double().sum(0)
+            total = output.detach().to(dtype).abs().sum(0).double()
             sums[name][slot] = total if sums[name][slot] is None else sums[name][slot] + total
             if slot == 0:
                 sums[name][2] += output.shape[0]
@@ -461,7 +496,7 @@ def relief_masks(model: nn.Module, params, *, data, generator, alive=None, alpha
     linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
 
     # the residual rule reads the network before this step's conv pruning: the same pass as the scores
-    block_sums, block_hooks = _block_sums(model, layers) if convs else ({}, [])
+    block_sums, block_hooks = _block_sums(model, layers, PRECISION[precision]) if convs else ({}, [])
     stats = collect_activity(model, layers, inputs, conv_fro=conv_reduce == "fro" and bool(convs),
                              batch_size=batch_size, hooks=block_hooks, precision=precision)
     if remove_dead:
