@@ -436,7 +436,7 @@ class Run:
                 raise
             stats["stage_name"] = stage.name
             distributed.check_masks(self.model, f"{stage.name} epoch {epoch + 1}")
-            stats.update({f"val_{k}": v for k, v in evaluate(self.model, self.val, device=self.device).items()
+            stats.update({f"val_{k}": v for k, v in self._evaluate(self.model, self.val).items()
                           if k in ("error", "loss")})
             state["seconds"]["train"] += stats["seconds"]
             state["history"].append(stats)
@@ -476,7 +476,7 @@ class Run:
     def _stage_result(self, stage: Stage, state: dict, val_error: float | None = None) -> None:
         """Where a training stage left the model (reported, never used to choose anything)."""
         cfg = self.config
-        test = evaluate(self.model, self.test, device=self.device)
+        test = self._evaluate(self.model, self.test)
         summary = metrics.sparsity_summary(self.model)
         if val_error is None and state["history"]:
             val_error = state["history"][-1]["val_error"]
@@ -512,11 +512,14 @@ class Run:
         trainer.step_hooks.append(lambda _step: schedule.step())
         return schedule
 
+    def _evaluate(self, model: torch.nn.Module, data) -> dict:
+        return evaluate(model, data, batch_size=self.config.eval_batch_size, device=self.device)
+
     def _errors_now(self, event: dict) -> dict:
         """Validation and test error right after a pruning event (reported, never used to decide)."""
         cfg = self.config
-        val = evaluate(self.model, self.val, device=self.device)["error"] if len(self.val) else None
-        return {"val_error": val, "test_error": evaluate(self.model, self.test, device=self.device)["error"]}
+        val = self._evaluate(self.model, self.val)["error"] if len(self.val) else None
+        return {"val_error": val, "test_error": self._evaluate(self.model, self.test)["error"]}
 
     def _snapshot_at(self, step: int, state: dict):
         def hook(current: int) -> None:
@@ -625,8 +628,8 @@ class Run:
     def _finish(self, state: dict) -> dict:
         cfg = self.config
         model = self.model
-        test = evaluate(model, self.test, device=self.device)
-        val = evaluate(model, self.val, device=self.device)
+        test = self._evaluate(model, self.test)
+        val = self._evaluate(model, self.val)
         example = example_input(model, self.test)  # the first test example, on the model's device
         flops, per_module = metrics.flop_summary(model, example)
         result = {
