@@ -216,6 +216,9 @@ class Trainer:
         from . import distributed as dist_
 
         self.model, self.config = dist_.unwrap(model), config
+        self.channels_last = bool(getattr(config, "channels_last", False))
+        if self.channels_last:  # the 4-D weights (and masks) in place, before any DDP wrap; inputs in run_epoch
+            self.model.to(memory_format=torch.channels_last)
         self.data = feed.as_feed(data, loss_fn=loss_fn, get_logits=get_logits)
         self.seed, self.stage, self.device = seed, stage, torch.device(device)
         self.optimizer = optimizer or make_optimizer(model, config)
@@ -224,9 +227,6 @@ class Trainer:
         # the trainer cuts global batches and shards them; a DataLoader or plain iterable is already per rank
         self.sharded = self.distributed and self.data._loader is None and self.data.seekable
         self.amp = bool(getattr(config, "amp", False))
-        self.channels_last = bool(getattr(config, "channels_last", False))
-        if self.channels_last:  # the 4-D weights (and masks) in place; inputs follow in run_epoch
-            self.model.to(memory_format=torch.channels_last)
         # autocast where the weights are: float16 with loss scaling on CUDA, bfloat16 elsewhere
         self.amp_device = next(self.model.parameters(), torch.empty(0)).device.type
         self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.amp_device == "cuda" else None
