@@ -838,13 +838,14 @@ def _probe_shape(layers: list[_Layer]) -> tuple[str, dict]:
     if not convs:
         widths = sorted(l.module.in_features for l in layers if isinstance(l.module, nn.Linear)) or [32]
         return "linear", {"width": widths[len(widths) // 2]}
+    def shape(l: _Layer) -> tuple[int, int]:  # (kernel, feature-map side)
+        return l.module.kernel_size[0], max(1, round(math.sqrt(l.patches)))
+
     macs: dict[tuple, int] = {}
     for l in convs:
-        key = (l.module.kernel_size[0], max(1, round(math.sqrt(l.patches))))
-        macs[key] = macs.get(key, 0) + l.module.weight.numel() * l.patches
+        macs[shape(l)] = macs.get(shape(l), 0) + l.module.weight.numel() * l.patches
     kernel, size = max(macs, key=macs.get)  # max keeps the first of equals: deterministic
-    widths = sorted(l.module.in_channels for l in convs
-                    if (l.module.kernel_size[0], max(1, round(math.sqrt(l.patches)))) == (kernel, size))
+    widths = sorted(l.module.in_channels for l in convs if shape(l) == (kernel, size))
     return "conv2d", {"width": widths[len(widths) // 2], "size": size, "kernel": kernel}
 
 

@@ -6,6 +6,7 @@ multiply-add reduction); the papers' numbers with their sources; every run that 
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -203,9 +204,9 @@ def _steps(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def _spread(values: list[float]) -> str:
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f}"
+    """mean ± sample std, as the per-target tables (aggregate.Group)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {std:.2f}"
 
 
 def _literature(points: list[dict[str, Any]], source: Path | None, folder: Path) -> list[str]:
