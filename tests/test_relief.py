@@ -308,3 +308,26 @@ def test_resnet20_masks_are_those_of_the_output_map_implementation(precision):
     model = prunelab.build_model("resnet20", seed=0)
     prunelab.prune(model, "relief", data=data, seed=0, examples=32, batch_size=16, precision=precision)
     assert _mask_digest(model) == (49, 137996, "c5bb38a1d2540821")
+
+
+class _ViewFlatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 2, 3), nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.view(y.shape[0], -1))  # refuses a channels-last tensor
+
+
+def test_the_channels_last_pass_is_used_only_where_the_model_takes_it():
+    from prunelab.hooks import takes_channels_last
+    x = torch.randn(4, 3, 6, 6)  # (one channel would be both layouts at once)
+    flatten = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    assert takes_channels_last(flatten, x)
+    assert not takes_channels_last(_ViewFlatten(), x)
+    assert not takes_channels_last(nn.Sequential(nn.Linear(6, 2)), torch.randn(4, 6))
+    data = (x, torch.randint(0, 3, (4,)))
+    for model in (flatten, _ViewFlatten()):  # scored either way
+        report = prunelab.prune(model, "relief", data=data, seed=0, examples=4)
+        assert 0 < report.sparsity < 1

@@ -58,7 +58,7 @@ from ..data import feed
 from ..data.feed import as_feed
 from ..errors import PrunelabError
 from ..masking import param_name
-from ..hooks import run_with_hooks
+from ..hooks import run_with_hooks, takes_channels_last
 from ..methods import Method, register
 from ..options import Options, option
 from .snip import attention_slow_path, check_measurable
@@ -158,6 +158,9 @@ def _kernel_slice_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return maps.reshape(x.shape[0], in_c, out_c, *maps.shape[2:])
 
 
+_CHUNK_ELEMENTS = 1 << 18  # 1 MB of float32
+
+
 def _slice_norm_sums(conv: nn.Conv2d, x_abs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """sum_n || |K_ij| * |x_ni| ||_F for every (filter j, input channel i): (out, in), float64.
 
@@ -171,33 +174,50 @@ def _slice_norm_sums(conv: nn.Conv2d, x_abs: torch.Tensor, dtype: torch.dtype = 
     x_abs = x_abs.to(dtype)
     out_c, in_c = weight.shape[:2]
     kk = weight.shape[2] * weight.shape[3]
-    iu, ju = torch.triu_indices(kk, kk)                      # G is symmetric: each pair once, off-diagonal x2
-    k = weight.reshape(out_c, in_c, kk)
-    pair_weight = (k[:, :, iu] * k[:, :, ju] * torch.where(iu == ju, 1.0, 2.0).to(dtype)).permute(1, 2, 0)
-    total = torch.zeros(in_c, out_c, dtype=torch.float64)
     stride_one = conv.stride == (1, 1) and conv.dilation == (1, 1)
-    # chunks of samples whose copies (kw shifted maps, or kh*kw unfolded ones) fill 1-2 MB: cache-sized
+    u, v, twice = _row_pairs(*conv.kernel_size) if stride_one else _all_pairs(kk)
+    k = weight.reshape(out_c, in_c, kk)
+    pair_weight = (k[:, :, u] * k[:, :, v] * torch.where(twice, 2.0, 1.0).to(dtype)).permute(1, 2, 0)  # (in, P, out)
+    total = torch.zeros(in_c, out_c, dtype=torch.float64)
+    # chunks of samples whose copies (kw shifted maps, or kh*kw unfolded ones) are cache-sized
     copies = conv.kernel_size[1] if stride_one else kk
-    per = max(1, (1 << 18) // (in_c * copies * max(1, (x_abs.shape[-2] + 2) * x_abs.shape[-1])))
+    per = max(1, _CHUNK_ELEMENTS // (in_c * copies * max(1, (x_abs.shape[-2] + 2) * x_abs.shape[-1])))
     for chunk in x_abs.split(per):
-        gram = _row_gram(chunk, conv) if stride_one else _unfold_gram(chunk, conv)   # (b, in, kk, kk)
-        squares = torch.bmm(gram[:, :, iu, ju].transpose(0, 1), pair_weight)    # (in, b, out)
+        gram = _row_gram(chunk, conv) if stride_one else _unfold_gram(chunk, conv)   # (b, in, P)
+        squares = torch.bmm(gram.transpose(0, 1), pair_weight)                     # (in, b, out)
         total += squares.clamp_(min=0).sqrt_().sum(1)                            # into float64
     return total.T
 
 
+def _all_pairs(kk: int):
+    """(u, v, counted twice) of the entries :func:`_unfold_gram` returns: all kk*kk, each once."""
+    u, v = torch.arange(kk).repeat_interleave(kk), torch.arange(kk).repeat(kk)
+    return u, v, torch.zeros(kk * kk, dtype=torch.bool)
+
+
 def _unfold_gram(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """The Gram matrix of each (sample, channel)'s unfolded patches: (b, in, kk, kk)."""
+    """The Gram matrix of each (sample, channel)'s unfolded patches, flattened: (b, in, kk*kk)."""
     cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
     cols = cols.view(x.shape[0], x.shape[1], -1, cols.shape[-1])
-    return cols @ cols.transpose(-1, -2)
+    return (cols @ cols.transpose(-1, -2)).flatten(2)
+
+
+def _row_pairs(kh: int, kw: int):
+    """(u, v, counted twice) of the entries :func:`_row_gram` returns: the blocks (a, a') of kernel rows
+    a <= a', each kw x kw in row-major order; a block off the diagonal stands for its mirror too."""
+    a, a2 = torch.triu_indices(kh, kh)
+    b, b2 = torch.arange(kw).repeat_interleave(kw), torch.arange(kw).repeat(kw)
+    u = (a[:, None] * kw + b[None]).flatten()
+    v = (a2[:, None] * kw + b2[None]).flatten()
+    return u, v, (a != a2).repeat_interleave(kw * kw)
 
 
 def _row_gram(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """:func:`_unfold_gram` for stride 1 and dilation 1, from kw column-shifted copies instead of kh*kw:
-    the patch entries of kernel row a, for every output position, are rows a .. a + h_out - 1 of the
-    padded map, a contiguous block of the copy, so block (a, a') of the Gram matrix is one matrix
-    product of two views (a third of the copying, and larger products, than unfolding)."""
+    """The Gram entries :func:`_row_pairs` names, for stride 1 and dilation 1, from kw column-shifted
+    copies instead of kh*kw unfolded ones: the patch entries of kernel row a, for every output position,
+    are rows a .. a + h_out - 1 of the padded map, a contiguous block of the copy, so block (a, a + d) of
+    the Gram matrix is a matrix product of two views. Only the blocks (0, d) are full products; block
+    (a, a + d) is block (a - 1, a - 1 + d) with one row's product left out and one taken in. (b, in, P)."""
     kh, kw = conv.kernel_size
     if conv.padding == "same":  # as torch pads it: the odd pixel after
         (top, bottom), (left, right) = [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in (kh, kw)]
@@ -209,37 +229,55 @@ def _row_gram(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     rows_in, w_out = padded.shape[-2], padded.shape[-1] - kw + 1
     h_out = rows_in - kh + 1
     shifted = torch.stack([padded[..., j:j + w_out] for j in range(kw)], 2).reshape(b * c, kw, rows_in * w_out)
-    rows = [shifted[:, :, a * w_out:(a + h_out) * w_out] for a in range(kh)]
-    gram = x.new_empty(b * c, kh, kw, kh, kw)
-    for a in range(kh):
-        for a2 in range(a, kh):
-            block = torch.bmm(rows[a], rows[a2].transpose(1, 2))
-            gram[:, a, :, a2, :] = block
-            if a2 != a:
-                gram[:, a2, :, a, :] = block.transpose(1, 2)
-    return gram.view(b, c, kh * kw, kh * kw)
+
+    def product(first: int, second: int, count: int) -> torch.Tensor:
+        """Rows first.. against rows second.., count of each: one kw x kw block per (sample, channel)."""
+        return torch.bmm(shifted[:, :, first * w_out:(first + count) * w_out],
+                         shifted[:, :, second * w_out:(second + count) * w_out].transpose(1, 2))
+
+    blocks = {}
+    for d in range(kh):
+        blocks[0, d] = block = product(0, d, h_out)
+        for a in range(1, kh - d):  # the window of rows moves down by one
+            block = block - product(a - 1, a - 1 + d, 1) + product(a - 1 + h_out, a - 1 + h_out + d, 1)
+            blocks[a, a + d] = block
+    return torch.cat([blocks[a, a2] for a in range(kh) for a2 in range(a, kh)], 1).view(b, c, -1)
+
+
+def _abs_nchw(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|x| in ``dtype`` and the contiguous NCHW layout the Gram blocks are views of, in one pass (a
+    channels-last batch is transposed by the same kernel)."""
+    return torch.abs(x.to(dtype), out=torch.empty(x.shape, dtype=dtype, device=x.device))
+
+
+def _batch_sum(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(0) in float64; a channels-last batch summed in its own memory order (7x faster)."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).sum(0).permute(2, 0, 1).double()
+    return x.sum(0).double()
 
 
 def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: torch.Tensor, *,
-                     conv_fro: bool, batch_size: int, hooks=(),
-                     precision: str = ReliefOptions.precision) -> dict[str, LayerActivity]:
+                     conv_fro: bool, batch_size: int, hooks=(), precision: str = ReliefOptions.precision,
+                     channels_last: bool = False) -> dict[str, LayerActivity]:
     """One eval-mode pass over ``inputs`` recording each layer's input activity (see LayerActivity).
 
     ``hooks``: handles of further hooks the caller registered for this pass (removed after it);
     ``precision``: the arithmetic of a conv's per-batch sums and slice norms (summed over batches in
-    float64; Linear layers are float64 throughout)."""
+    float64; Linear layers are float64 throughout); ``channels_last``: the pass in that layout (faster
+    convolutions, the same sums up to float32 rounding; see ``hooks.takes_channels_last``)."""
     stats = {name: LayerActivity() for name in layers}
     dtype = PRECISION[precision]
 
     def hook(name):
         def record(module, args, output):
-            x_abs = args[0].detach().abs()
             s = stats[name]
             if isinstance(module, nn.Linear):  # cheap whatever the precision: float64
+                x_abs = args[0].detach().abs()
                 total = x_abs.reshape(-1, x_abs.shape[-1]).double().sum(0)
                 s.count += x_abs.reshape(-1, x_abs.shape[-1]).shape[0]
             else:
-                x_abs = x_abs.to(dtype)
+                x_abs = _abs_nchw(args[0].detach(), dtype)
                 total = x_abs.sum(0).double()
                 s.count += x_abs.shape[0]
                 hw = output.shape[-2] * output.shape[-1]
@@ -256,7 +294,7 @@ def collect_activity(model: nn.Module, layers: Mapping[str, nn.Module], inputs: 
 
     with attention_slow_path():  # the fused inference path skips Linear.forward (and so the hooks)
         run_with_hooks(model, inputs, [*hooks, *(m.register_forward_hook(hook(n)) for n, m in layers.items())],
-                       batch_size=batch_size)
+                       batch_size=batch_size, channels_last=channels_last)
     missed = [n for n, s in stats.items() if s.count == 0]
     if missed:
         more = f" (and {len(missed) - 1} more)" if len(missed) > 1 else ""
@@ -305,7 +343,7 @@ def relief_scores(model: nn.Module, params, *, data, generator, alpha_fc=ReliefO
     layers = _layers(model, params)
     inputs = pruning_set(data, options["examples"], generator)
     stats = collect_activity(model, layers, inputs, conv_fro=conv_reduce == "fro", batch_size=options["batch_size"],
-                             precision=precision)
+                             precision=precision, channels_last=takes_channels_last(model, inputs))
     scores = {}
     for name, module in layers.items():
         contrib, bias = contributions(module, stats[name], conv_reduce)
@@ -447,7 +485,7 @@ def _block_sums(model, layers, dtype=torch.float64):
 
     def hook(name, slot):
         def record(module, args, output):
-            total = output.detach().to(dtype).abs().sum(0).double()
+            total = _batch_sum(output.detach().to(dtype).abs())
             sums[name][slot] = total if sums[name][slot] is None else sums[name][slot] + total
             if slot == 0:
                 sums[name][2] += output.shape[0]
@@ -495,10 +533,11 @@ def relief_masks(model: nn.Module, params, *, data, generator, alive=None, alpha
     convs = {n: m for n, m in layers.items() if isinstance(m, nn.Conv2d)}
     linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
 
+    fast = takes_channels_last(model, inputs)  # probed before any hook is registered
     # the residual rule reads the network before this step's conv pruning: the same pass as the scores
     block_sums, block_hooks = _block_sums(model, layers, PRECISION[precision]) if convs else ({}, [])
     stats = collect_activity(model, layers, inputs, conv_fro=conv_reduce == "fro" and bool(convs),
-                             batch_size=batch_size, hooks=block_hooks, precision=precision)
+                             batch_size=batch_size, hooks=block_hooks, precision=precision, channels_last=fast)
     if remove_dead:
         dead = _dead_units(graph, layers, stats)
         masks.merge(structure.channel_masks(model, graph, dead))
@@ -517,7 +556,7 @@ def relief_masks(model: nn.Module, params, *, data, generator, alive=None, alpha
         prune_layers(convs, stats, alpha_conv)
         _block_rule(block_sums, alpha_conv, masks, report)
         masks.apply(model)
-        stats = collect_activity(model, linears, inputs, conv_fro=False, batch_size=batch_size)
+        stats = collect_activity(model, linears, inputs, conv_fro=False, batch_size=batch_size, channels_last=fast)
     prune_layers(linears, stats, alpha_fc)
     if cleanup:
         while True:
