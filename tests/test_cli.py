@@ -64,7 +64,7 @@ BAD = [
     (["--model", "lenet300-100", "--device", "toaster"], ["invalid device 'toaster'"]),
     (["--model", "lenet300-100", "--threads", "0"], ["threads must be >= 1"]),
     (["--model", "lenet300-100", "--method", "snip", "--sparsity", "0.9", "--finetune-epochs", "3"],
-     ["finetune_epochs and finetune_lr apply to pruning a trained model", "not when = 'init'"]),
+     ["finetune_epochs, finetune_lr and finetune_milestones apply to pruning a trained model", "not when = 'init'"]),
     (["--model", "lenet300-100", "--method", "snip", "--sparsity", "0.9", "--reinit-init", "vs-x"],
      ["reinit_init names the initialisation of reinit's fresh draw: set reinit = true"]),
     (["--model", "lenet300-100", "--method", "snip", "--sparsity", "0.9", "--reinit", "--reinit-init", "vsx"],

@@ -80,6 +80,51 @@ def test_resume_equals_uninterrupted(tmp_path, data_root, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _dense(tmp_path, data_root, name="dense", **overrides):
+    """The dense run whose training is SHORT's pre-training."""
+    keys = {k: v for k, v in SHORT.items() if k not in ("method", "sparsity", "finetune_epochs")}
+    return RunConfig(**{**keys, "method": "none", "data_root": str(data_root), "out": str(tmp_path / name),
+                        **overrides})
+
+
+def test_pretrained_run_stands_in_for_the_same_pretraining(tmp_path, data_root, monkeypatch):
+    lab_run.run(_dense(tmp_path, data_root), echo=None)
+    whole = lab_run.run(config(tmp_path, data_root, "whole"), echo=None)
+    epochs = {"n": 0}
+    original = Trainer.run_epoch
+
+    def counted(self, epoch):
+        epochs["n"] += 1
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "run_epoch", counted)
+    adopted = lab_run.run(config(tmp_path, data_root, "adopted", pretrained_run=str(tmp_path / "dense")), echo=None)
+    assert epochs["n"] == 1  # the fine-tuning epoch alone: the two pre-training epochs were read
+    assert adopted["pretrained"]["run"] == str(tmp_path / "dense") and whole["pretrained"] is None
+    for key in ("error", "params", "stage_results", "kept_epochs"):
+        assert adopted[key] == whole[key], key
+    untimed = [[{k: v for k, v in e.items() if k != "seconds"} for e in r["prune_events"]] for r in (adopted, whole)]
+    assert untimed[0] == untimed[1]
+    assert [h["val_error"] for h in adopted["history"]] == [h["val_error"] for h in whole["history"]]
+    assert [h["stage_name"] for h in adopted["history"]] == ["pretrain", "pretrain", "finetune-1"]
+    a, _ = checkpoint.load_tensors(tmp_path / "whole" / "model.safetensors")
+    b, _ = checkpoint.load_tensors(tmp_path / "adopted" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert lab_run.resolve(config(tmp_path, data_root)).digest() == \
+        lab_run.resolve(config(tmp_path, data_root, pretrained_run="x")).digest()  # where it reads: not hashed
+
+
+def test_pretrained_run_must_be_the_same_finished_pretraining(tmp_path, data_root):
+    lab_run.run(_dense(tmp_path, data_root, "other", lr=0.01, epochs=1), echo=None)
+    with pytest.raises(PrunelabError, match="trained other settings"):
+        lab_run.run(config(tmp_path, data_root, "a", pretrained_run=str(tmp_path / "other")), echo=None)
+    with pytest.raises(PrunelabError, match="not a finished run folder"):
+        lab_run.run(config(tmp_path, data_root, "b", pretrained_run=str(tmp_path / "nowhere")), echo=None)
+    with pytest.raises(PrunelabError, match="when = 'trained'"):
+        lab_run.run(config(tmp_path, data_root, "c", when="init", finetune_epochs=None,
+                           pretrained_run=str(tmp_path / "other")), echo=None)
+
+
 def test_resume_refuses_a_different_config(tmp_path, data_root):
     lab_run.run(config(tmp_path, data_root, epochs=1, finetune_epochs=0), echo=None)
     with pytest.raises(PrunelabError, match=r"different config \(sparsity 0.9 there, 0.5 here\)"):

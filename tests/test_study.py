@@ -14,6 +14,7 @@ from prunelab.errors import PrunelabError, TrainingDiverged
 from prunelab.lab import run as lab_run
 from prunelab.lab.config import defaults, make_config
 from prunelab.study import expand, load_spec, run_study, write_report
+from prunelab.study.expand import shared_pretraining
 from prunelab.study.effective import effective_sparsity
 from prunelab.study.sanity import shuffle_mask
 from prunelab.training import Trainer
@@ -169,6 +170,24 @@ def test_an_interrupted_study_completes_only_the_missing_runs(tmp_path, data_roo
     again = run_study(path, progress=False)  # everything finished: nothing runs
     assert calls == [] and [r["status"] for r in again["runs"]] == ["done"] * 3
     assert [r["summary"] for r in again["runs"]] == [r["summary"] for r in record["runs"]]
+
+
+def test_runs_pruning_a_trained_model_start_from_the_dense_controls_weights(tmp_path, data_root, monkeypatch):
+    path = study_file(tmp_path, 'methods = ["magnitude", "random"]\nbaselines = false\ntargets = [0.5, 0.9]\n'
+                                'seeds = [0]\n', data_root=data_root,
+                      extra="[methods.magnitude]\nfinetune_epochs = 1\n\n[methods.random]\nlr = 0.01\n")
+    planned = expand(load_spec(path))
+    control = next(r for r in planned if r.method == "none")
+    assert shared_pretraining(planned) == \
+        {r.id: control.id for r in planned if r.method == "magnitude"}  # random: at init, another recipe
+    calls = counting_lab_runs(monkeypatch)
+    record = run_study(path, progress=False)
+    assert [r["status"] for r in record["runs"]] == ["done"] * 5
+    assert calls[0].method == "none"  # the control first, then the rest from its weights
+    source = str((tmp_path / "s" / control.folder).resolve())
+    assert [c.pretrained_run for c in calls[1:]] == [source if c.method == "magnitude" else None for c in calls[1:]]
+    result = json.loads((tmp_path / "s" / planned[1].folder / "result.json").read_text())
+    assert result["pretrained"]["run"] == source and result["history"][0]["stage_name"] == "pretrain"
 
 
 def test_finished_runs_from_elsewhere_are_adopted_not_retrained(tmp_path, data_root, monkeypatch, capsys):
@@ -412,3 +431,14 @@ def test_ray_gives_the_local_results_bit_for_bit(tmp_path, data_root):
         tb, _ = checkpoint.load_tensors(tmp_path / "ray" / b["folder"] / "model.safetensors")
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert remote["engine"]["engine"] == "ray"
+
+
+COMMITTED = sorted(p for p in (Path(__file__).resolve().parents[1] / "studies").glob("*.toml")
+                   if p.name != "references.toml")
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_every_committed_study_file_expands_into_runs_the_lab_accepts(path):
+    spec = load_spec(path)
+    runs = expand(spec)  # each run's config through the lab's resolve
+    assert len(runs) >= len(spec.seeds) and all(run.folder.startswith("runs/") for run in runs)

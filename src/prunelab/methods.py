@@ -54,6 +54,7 @@ class Method:
     retrain: bool = True           # False: applied to a trained model as it is (no fine-tuning by default)
     when_from: Callable[[Mapping[str, Any]], str | None] | None = None  # the schedule its options imply
     layers: tuple[type, ...] | None = None  # module types whose weights it can prune; None: any prunable one
+    data_split: str = "train"      # the lab's split it scores on (PFP's sample S: the validation split)
     # (model, params, data, options) -> None: refuses a structure the method cannot handle (a residual
     # addition) from the weights and one traced example of data, so the lab can call it before training
     check_structure: Callable[..., None] | None = None

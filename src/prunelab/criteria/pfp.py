@@ -1034,4 +1034,4 @@ register(Method("pfp", "Provable Filter Pruning: data-informed channel sensitivi
                        "layers (Liebenwein et al.)", pfp_scores, scope="global", when="trained", needs_data=True,
                 options=PfpOptions, pruner=pfp_pruner, structured=True, layers=(nn.Linear, nn.Conv1d, nn.Conv2d),
                 targets=("sparsity", "parameters"), target_options={"parameters": {"target": "all"}},
-                paper="Liebenwein et al., ICLR 2020"))
+                data_split="val", paper="Liebenwein et al., ICLR 2020"))

@@ -22,6 +22,7 @@ from ..training import TrainConfig
 
 WHEN = ("init", "trained", "during")
 SCOPES = ("global", "layer")
+SPLITS = ("train", "val")
 REWIND = ("none", "init", "early")
 
 
@@ -54,6 +55,8 @@ class RunConfig(TrainConfig):
     prune_end: int | None = option(None, "when = during: the step at which the cubic schedule reaches the "
                                          "target (default: 3/4 of the budget)")
     method_options: dict[str, Any] = option(None, "method option KEY=VALUE (repeatable)", factory=dict)
+    prune_data: str | None = option(None, "the split a data-driven method scores on: train | val (default: the "
+                                          "method's: val for PFP's sample S, train for the others)")
     # model and data
     init: str = option("default", "initialisation: default | vs-h | vs-x | vs | normal | truncated-normal")
     model_options: dict[str, Any] = option(None, "model option KEY=VALUE, e.g. relu=true (repeatable)",
@@ -67,8 +70,13 @@ class RunConfig(TrainConfig):
                                                "(fine-tuning, or retraining after a rewind; 0: none); default: "
                                                "the training budget")
     finetune_lr: float | None = option(None, "fine-tuning learning rate (default: lr)")
+    finetune_milestones: list[int] | None = option(None, "fine-tuning multistep decay points, in its epochs "
+                                                         "(default: milestones)")
     keep_best: bool = option(False, "end each training stage with the weights of its epoch with the lowest "
                                     "validation error (the test set is never used)")
+    pretrained_run: str | None = option(None, "when = trained: a finished dense run (method none) of this run's "
+                                              "model, data, seed and training settings, whose weights stand in "
+                                              "for the pre-training (the same weights: checked by digest)")
     # run
     seed: int = option(0, "seed of every random choice (initialisation, split, batches, random methods)")
     out: str | None = option(None, "run folder (default: runs/<model>_<dataset>_<method>_<hash>); an "
@@ -92,6 +100,8 @@ class RunConfig(TrainConfig):
                 values.update(epochs=self.finetune_epochs, iterations=None)
             if self.finetune_lr is not None:
                 values["lr"] = self.finetune_lr
+            if self.finetune_milestones is not None:
+                values["milestones"] = list(self.finetune_milestones)
             values["warmup"] = 0
         return TrainConfig(**values)
 
@@ -107,11 +117,12 @@ class RunConfig(TrainConfig):
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 
-# where a run is written, how fast, and which folder its checksummed data comes from: never its result
-UNHASHED = ("out", "threads", "latency", "data_root")
+# where a run is written, how fast, which folder its checksummed data comes from, and where its identical
+# pre-training is read from: never its result
+UNHASHED = ("out", "threads", "latency", "data_root", "pretrained_run")
 LATER_KEYS = {"normalize_inputs": True, "keep_best": False, "reinit_init": None, "channels": 0.0, "parameters": 0.0,
               "prune_every": None, "prune_end": None, "eval_batch_size": 1000, "amp": False,
-              "channels_last": False}
+              "channels_last": False, "prune_data": "train", "finetune_milestones": None}
 _TRAINING = {f.name for f in fields(TrainConfig)}
 # the run's own keys first (what to prune, model and data), then the training settings
 FIELDS = {f.name: f for f in sorted(fields(RunConfig), key=lambda f: f.name in _TRAINING)}

@@ -43,7 +43,7 @@ from ..models.init import resolve_scheme
 from ..training import Trainer, derive_seed, evaluate
 from . import lock
 from . import state as run_state
-from .config import REWIND, SCOPES, UNHASHED, WHEN, RunConfig, to_toml
+from .config import REWIND, SCOPES, SPLITS, UNHASHED, WHEN, RunConfig, to_toml
 
 RESULT_SCHEMA = "prunelab.result/1"
 KEEP_PREFIX = "keep::"  # checkpoint tensors: keep_best's weights of the stage's best epoch so far
@@ -107,9 +107,19 @@ def resolve(config: RunConfig) -> RunConfig:
         raise PrunelabError("rewind = 'early' needs rewind_iteration >= 1, the pre-training step rewound to")
     if config.rewind != "early" and config.rewind_iteration:
         raise PrunelabError(f"rewind_iteration applies to rewind = 'early', not {config.rewind!r}")
-    if when != "trained" and (config.finetune_epochs is not None or config.finetune_lr is not None):
-        raise PrunelabError(f"finetune_epochs and finetune_lr apply to pruning a trained model (when = "
-                            f"'trained'), not when = {when!r}")
+    if when != "trained" and (config.finetune_epochs is not None or config.finetune_lr is not None
+                              or config.finetune_milestones is not None):
+        raise PrunelabError(f"finetune_epochs, finetune_lr and finetune_milestones apply to pruning a trained "
+                            f"model (when = 'trained'), not when = {when!r}")
+    prune_data = config.prune_data or method.data_split
+    if prune_data not in SPLITS:
+        raise PrunelabError(f"invalid prune_data {prune_data!r}; choose from: {', '.join(SPLITS)}")
+    if prune_data == "val" and config.val_fraction <= 0 and method.needs_data:
+        raise PrunelabError(f"method {method.name!r} scores on the validation split (prune_data = 'val'): "
+                            "val_fraction must be > 0")
+    if config.pretrained_run is not None and (when != "trained" or config.rewind == "early"):
+        raise PrunelabError("pretrained_run stands in for the pre-training of a run that prunes a trained model "
+                            "(when = 'trained'), without rewind = 'early' (which keeps a step from inside it)")
     if config.reinit and when != "init":
         raise PrunelabError("reinit applies to pruning at initialisation (when = 'init')")
     if config.reinit_init is not None:
@@ -136,7 +146,7 @@ def resolve(config: RunConfig) -> RunConfig:
     # a step budget overrides epochs: drop them, so that one experiment has one digest however it is given
     epochs = None if config.iterations is not None else config.epochs
     resolved = replace(config, model=model_name, dataset=dataset, when=when, scope=scope,
-                       finetune_epochs=finetune_epochs, epochs=epochs, device=device)
+                       finetune_epochs=finetune_epochs, epochs=epochs, device=device, prune_data=prune_data)
     resolved.train_config()  # validates the optimizer and schedule settings
     return resolved
 
@@ -190,6 +200,21 @@ def _check_device(name: str) -> None:
         raise PrunelabError(f"device {name!r}: this torch sees no CUDA GPU; use cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise PrunelabError(f"device {name!r} is not supported; use cpu or cuda")
+
+
+# what only a pruning run has: the dense run of a config keeps the rest, its model, data, seed and training
+PRUNING_KEYS = {"sparsity": 0.0, "channels": 0.0, "parameters": 0.0, "scope": None, "when": None, "rounds": 1,
+                "rewind": "none", "rewind_iteration": 0, "include_bias": False, "reinit": False,
+                "reinit_init": None, "prune_every": None, "prune_end": None, "method_options": {},
+                "prune_data": None, "finetune_epochs": None, "finetune_lr": None, "finetune_milestones": None,
+                "pretrained_run": None}
+
+
+def dense_twin(config: RunConfig) -> RunConfig:
+    """The dense run (method none) whose training is ``config``'s pre-training, resolved: with the same
+    model, initialisation, data, seed and training settings its stage 0 trains the same weights (every
+    epoch's randomness derives from the seed, the stage and the epoch)."""
+    return resolve(replace(config, method="none", **PRUNING_KEYS))
 
 
 def plan(config: RunConfig) -> list[Stage]:
@@ -417,6 +442,9 @@ class Run:
 
     def _train(self, stage: Stage, state: dict, optimizer_state) -> None:
         cfg = self.config
+        if stage.name == "pretrain" and cfg.pretrained_run is not None and state["epoch"] == 0:
+            self._adopt_pretraining(stage, state)
+            return
         trainer = Trainer(self.model, self.train, cfg.train_config(stage.finetune), seed=cfg.seed,
                           stage=state["stage"], device=self.device, progress=self.progress)
         if optimizer_state and optimizer_state[1]:
@@ -473,6 +501,26 @@ class Run:
             state.setdefault("kept_epochs", []).append({"stage": stage.name, **chosen})
         self._stage_result(stage, state, chosen["val_error"] if best is not None else None)
 
+    def _adopt_pretraining(self, stage: Stage, state: dict) -> None:
+        """The pretrain stage read from ``pretrained_run``, a finished run of :func:`dense_twin`: its weights,
+        epochs, kept epoch and stage result, as training here would have produced them."""
+        source = Path(self.config.pretrained_run)
+        expected = dense_twin(self.config).digest()
+        source_state, result = finished_run(source)
+        if source_state["config_digest"] != expected:
+            raise PrunelabError(f"pretrained_run {source} trained other settings (digest "
+                                f"{source_state['config_digest']}) than this run's pre-training (digest {expected}: "
+                                "method none with this run's model, data, seed and training keys)")
+        tensors, _ = checkpoint.load_tensors(run_state.verify(source_state, source, "model.safetensors"))
+        checkpoint.restore_model(self.model, tensors)
+        renamed = [{**entry, "stage": stage.name} for entry in result.get("stage_results", [])]
+        state["history"] += [{**epoch, "stage_name": stage.name} for epoch in result["history"]]
+        state.setdefault("kept_epochs", []).extend({**e, "stage": stage.name} for e in result.get("kept_epochs", []))
+        state.setdefault("stage_results", []).extend(renamed)
+        state["pretrained"] = {"run": str(source), "digest": expected, "train_s": result["time_s"]["train"]}
+        self.log(f"{stage.name:>12} adopted from {source} ({len(result['history'])} epochs, "
+                 f"{result['time_s']['train']:.0f} s of training there): test error {renamed[-1]['test_error']:.2%}")
+
     def _stage_result(self, stage: Stage, state: dict, val_error: float | None = None) -> None:
         """Where a training stage left the model (reported, never used to choose anything)."""
         cfg = self.config
@@ -497,12 +545,12 @@ class Run:
                                          eval_batch_size=cfg.eval_batch_size)
         elif method.schedule == "periodic":
             options = method.parse_options(cfg.method_options)
-            schedule = schedules.Periodic(self.model, method.name, sparsity=cfg.sparsity, data=self.train,
+            schedule = schedules.Periodic(self.model, method.name, sparsity=cfg.sparsity, data=self._prune_data(),
                                           **common, **options)
         else:
             every = cfg.prune_every or trainer.steps_per_epoch
             end = cfg.prune_end or max(every, (3 * trainer.total_steps) // 4)
-            schedule = schedules.Gradual(self.model, method.name, sparsity=cfg.sparsity, data=self.train,
+            schedule = schedules.Gradual(self.model, method.name, sparsity=cfg.sparsity, data=self._prune_data(),
                                          end=end, every=every, **common, **dict(cfg.method_options))
         if state.get("during") is not None:
             schedule.load(state["during"], optimizer_state[0] if optimizer_state else {})
@@ -548,10 +596,14 @@ class Run:
             self.log(line)
         return result
 
+    def _prune_data(self):
+        """The split the method scores on (``prune_data``)."""
+        return self.val if self.config.prune_data == "val" else self.train
+
     def _rounds(self) -> schedules.Iterative:
         """The rounds of pruning between trainings (one round at initialisation)."""
         cfg = self.config
-        return schedules.Iterative(self.model, cfg.method, rounds=cfg.rounds, data=self.train, seed=cfg.seed,
+        return schedules.Iterative(self.model, cfg.method, rounds=cfg.rounds, data=self._prune_data(), seed=cfg.seed,
                                    scope=cfg.scope, include_bias=cfg.include_bias, **cfg.targets(),
                                    **cfg.method_options)
 
@@ -648,6 +700,7 @@ class Run:
             "prune_events": state["prune_events"],
             "stage_results": state.get("stage_results", []),
             "kept_epochs": state.get("kept_epochs", []),
+            "pretrained": state.get("pretrained"),
             "history": state["history"],
             "config": asdict(cfg),
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
@@ -668,6 +721,18 @@ class Run:
         for line in format_result(result).splitlines():
             self.log(line)
         return result
+
+
+def finished_run(folder: Path) -> tuple[dict, dict]:
+    """(state, result) of a finished run folder, its result checked against its recorded checksum; one
+    line if it is not one."""
+    try:
+        state = checkpoint.read_json(folder / "state.json", dict)
+    except (PrunelabError, OSError):
+        state = None
+    if not state or not (folder / "result.json").exists():
+        raise PrunelabError(f"{folder} is not a finished run folder (no state.json and result.json): run it first")
+    return state, checkpoint.read_json(run_state.verify(state, folder, "result.json"), dict)
 
 
 def format_result(result: dict) -> str:

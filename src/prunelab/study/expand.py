@@ -4,7 +4,9 @@ Every grid point is a run config: the defaults, the shared recipe, the method's 
 point itself (model, dataset, method, target, seed). The run folder is named by the resolved config's
 digest (the lab's own), so the same config always lands in the same folder: a finished run is reused
 and an interrupted one resumes. The dense control (method ``none``, the recipe's training without any
-pruning key) is one run per model, dataset and seed, unless the study says ``control = false``.
+pruning key) is one run per model, dataset and seed, unless the study says ``control = false``. A run
+that prunes a trained model and whose pre-training is exactly the control's training reads the control's
+weights instead of training again (:func:`shared_pretraining`; the lab's ``pretrained_run``).
 """
 
 from __future__ import annotations
@@ -14,15 +16,9 @@ from typing import Any
 
 from ..errors import PrunelabError
 from ..lab.config import defaults, make_config
-from ..lab.run import resolve
+from ..lab.run import PRUNING_KEYS, dense_twin, resolve
 from . import sanity
 from .spec import StudySpec
-
-# keys that only mean something to a pruning method: the dense control drops them, so that its run is
-# the recipe's training alone (and the same folder whatever the methods' schedules)
-PRUNING_ONLY = ("when", "scope", "rounds", "rewind", "rewind_iteration", "include_bias", "reinit", "reinit_init",
-                "prune_every", "prune_end", "method_options", "finetune_epochs", "finetune_lr")
-
 
 @dataclass(frozen=True)
 class PlannedRun:
@@ -56,7 +52,8 @@ def expand(spec: StudySpec) -> list[PlannedRun]:
             for dataset in spec.datasets:
                 base = {**spec.recipe, "model": model, "seed": seed,
                         **({"dataset": dataset} if dataset else {})}
-                dense = {k: v for k, v in base.items() if k not in PRUNING_ONLY}
+                # the control is the recipe's training alone (the same folder whatever the methods' schedules)
+                dense = {k: v for k, v in base.items() if k not in PRUNING_KEYS}
                 if spec.control:
                     control = {**dense, **spec.overrides.get("none", {}), "method": "none"}
                     _add(runs, _plan(control, "none", "", None, None))
@@ -94,3 +91,17 @@ def _plan(values: dict[str, Any], method: str, variant: str, kind: str | None, t
 def _add(runs: dict[str, PlannedRun], planned: PlannedRun) -> None:
     # the same config twice (a reinit check of a method already trained from a fresh draw): run it once
     runs.setdefault(planned.id, planned)
+
+
+def shared_pretraining(planned: list[PlannedRun]) -> dict[str, str]:
+    """{run id: control id} for every run that prunes a trained model (without early rewinding) and whose
+    pre-training is a planned dense control's training: the same model, data, seed and training keys
+    (the lab's ``dense_twin``), so that the control's weights are the ones it would train."""
+    controls = {run.id for run in planned if run.method == "none"}
+    links = {}
+    for run in planned:
+        if run.method != "none" and run.config["when"] == "trained" and run.config["rewind"] != "early":
+            twin = dense_twin(make_config({**defaults(), **run.config})).digest()
+            if twin in controls:
+                links[run.id] = twin
+    return links

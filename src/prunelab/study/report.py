@@ -175,7 +175,7 @@ def _steps(runs: list[dict[str, Any]]) -> list[str]:
     lines = []
     rounds = {}
     for run in runs:
-        if len(run["result"].get("stage_results", [])) > 1:
+        if run["result"].get("config", {}).get("rounds", 1) > 1:  # a one-shot run: its row says it all
             rounds.setdefault((run["label"], run["kind"], run["target"]), []).append(run["result"]["stage_results"])
     for (label, kind, target), results in rounds.items():
         title = f"{label}" + (f" at {kind} {target:g}" if kind else "")

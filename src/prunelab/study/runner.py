@@ -15,7 +15,7 @@ from ..errors import PrunelabError
 from ..lab import lock
 from .adopt import adopt
 from .engines import make_engine
-from .expand import expand
+from .expand import expand, shared_pretraining
 from .progress import Progress
 from .record import FINAL, StudyRecord
 from .spec import load_spec
@@ -68,10 +68,19 @@ def run_study(study_file: str | Path, out: str | Path | None = None, *, engine: 
             if outcome["status"] != "done":
                 say(f"{configs[run_id].describe()}: {outcome['status']}: {outcome.get('error')}")
 
-        tasks = [(run_id, {**configs[run_id].config, "out": str((folder / configs[run_id].folder).resolve())})
-                 for run_id in pending]
+        def task(run_id: str) -> tuple[str, dict[str, Any]]:
+            values = {**configs[run_id].config, "out": str((folder / configs[run_id].folder).resolve())}
+            source = sources.get(run_id)
+            if source is not None and record.runs[source]["status"] == "done":  # else it trains its own
+                values["pretrained_run"] = str((folder / configs[source].folder).resolve())
+            return run_id, values
+
+        # the dense controls first: the runs pruning a trained model then start from their weights
+        sources = shared_pretraining(planned)
+        controls = [run_id for run_id in pending if configs[run_id].method == "none"]
         try:
-            runner.run(tasks, done, say)
+            runner.run([task(run_id) for run_id in controls], done, say)
+            runner.run([task(run_id) for run_id in pending if run_id not in controls], done, say)
         finally:
             bar.close()
             record.write()  # interrupted runs stay pending: their folders resume next time
