@@ -159,9 +159,10 @@ def test_lab_run_logs_the_trajectory_and_resumes(tmp_path, data_root, monkeypatc
     whole = lab_run.run(lobster_config(tmp_path, data_root, "whole", threads=1), echo=None)
     events = whole["prune_events"]
     # the thresholds this config gave before LOBSTER's schedule moved from the lab into prunelab.schedules
-    # (commit 1801425, one thread): the same objects now, the same numbers
+    # (commit 1801425, one thread, an AVX-512 machine): the same objects now, the same numbers, up to the
+    # rounding of the CPU's kernels (an AMD EPYC without AVX-512 gives them within 1e-7, relative)
     assert [e["threshold"] for e in events] == pytest.approx([0.02162145131493709, 0.02770048267848324],
-                                                             rel=1e-9)
+                                                             rel=1e-6)
     assert [e["epoch"] for e in events] == [1, 2]  # tolerance -1: every epoch is a plateau
     for event in events:
         assert event["val_loss_after"] <= event["loss_bound"] * (1 + 1e-6)
