@@ -505,12 +505,16 @@ class Run:
         """The pretrain stage read from ``pretrained_run``, a finished run of :func:`dense_twin`: its weights,
         epochs, kept epoch and stage result, as training here would have produced them."""
         source = Path(self.config.pretrained_run)
-        expected = dense_twin(self.config).digest()
-        source_state, result = finished_run(source)
-        if source_state["config_digest"] != expected:
-            raise PrunelabError(f"pretrained_run {source} trained other settings (digest "
-                                f"{source_state['config_digest']}) than this run's pre-training (digest {expected}: "
-                                "method none with this run's model, data, seed and training keys)")
+        expected, found = dense_twin(self.config).digest(), run_state.finished_digest(source)
+        if found is None:
+            raise PrunelabError(f"pretrained_run {source} is not a finished run folder (no state.json and "
+                                "result.json): run it first")
+        if found != expected:
+            raise PrunelabError(f"pretrained_run {source} trained other settings (digest {found}) than this run's "
+                                f"pre-training (digest {expected}: method none with this run's model, data, seed "
+                                "and training keys)")
+        source_state = checkpoint.read_json(source / "state.json", dict)
+        result = checkpoint.read_json(run_state.verify(source_state, source, "result.json"), dict)
         tensors, _ = checkpoint.load_tensors(run_state.verify(source_state, source, "model.safetensors"))
         checkpoint.restore_model(self.model, tensors)
         renamed = [{**entry, "stage": stage.name} for entry in result.get("stage_results", [])]
@@ -721,18 +725,6 @@ class Run:
         for line in format_result(result).splitlines():
             self.log(line)
         return result
-
-
-def finished_run(folder: Path) -> tuple[dict, dict]:
-    """(state, result) of a finished run folder, its result checked against its recorded checksum; one
-    line if it is not one."""
-    try:
-        state = checkpoint.read_json(folder / "state.json", dict)
-    except (PrunelabError, OSError):
-        state = None
-    if not state or not (folder / "result.json").exists():
-        raise PrunelabError(f"{folder} is not a finished run folder (no state.json and result.json): run it first")
-    return state, checkpoint.read_json(run_state.verify(state, folder, "result.json"), dict)
 
 
 def format_result(result: dict) -> str:

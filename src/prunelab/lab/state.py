@@ -19,6 +19,18 @@ TRUSTED = ("rewind.safetensors", "model.safetensors", "model.sparse.safetensors"
 _LISTS = ("history", "prune_events", "stage_results", "kept_epochs")
 
 
+def finished_digest(folder: Path) -> str | None:
+    """The config digest of a finished run folder (result.json beside a state.json naming a digest), None
+    for anything else (unfinished, not a run, a corrupt state.json)."""
+    if not (folder / "result.json").is_file() or not (folder / "state.json").is_file():
+        return None
+    try:
+        digest = checkpoint.read_json(folder / "state.json", dict).get("config_digest")
+    except PrunelabError:
+        return None
+    return digest if isinstance(digest, str) else None
+
+
 def fresh(digest: str) -> dict:
     return {"config_digest": digest, "stage": 0, "epoch": 0, "checkpoint": None, "history": [],
             "prune_events": [], "seconds": {"prune": 0.0, "train": 0.0}, "digests": {}}

@@ -13,22 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..checkpoint import read_json
 from ..errors import PrunelabError
+from ..lab.state import finished_digest
 from .expand import PlannedRun
 
 SKIP = ("LOCK", ".*.tmp", "*.tmp")  # a lock or a half-written file of the source is never copied
-
-
-def finished_digest(folder: Path) -> str | None:
-    """The config digest of a finished run folder, None for anything else (unfinished, not a run)."""
-    if not (folder / "result.json").is_file() or not (folder / "state.json").is_file():
-        return None
-    try:
-        digest = read_json(folder / "state.json", dict).get("config_digest")
-    except PrunelabError:
-        return None  # a corrupt state.json is not a finished run
-    return digest if isinstance(digest, str) else None
 
 
 def adopt(study_folder: Path, planned: list[PlannedRun], sources: Iterable[str | Path],
