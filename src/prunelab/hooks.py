@@ -22,7 +22,7 @@ def run_with_hooks(model: nn.Module, inputs, handles: Iterable, *, batch_size: i
         with _modes_kept(model, eval_mode), torch.no_grad():
             for chunk in feed.chunks(inputs, batch_size):
                 chunk = feed.to_model(model, chunk)
-                feed.call(model, _channels_last(chunk) if channels_last else chunk)
+                feed.call(model, feed.channels_last(chunk) if channels_last else chunk)
     finally:
         for handle in handles:
             handle.remove()
@@ -41,24 +41,17 @@ def _modes_kept(model: nn.Module, eval_mode: bool = True):
             module.train(mode)
 
 
-def _channels_last(inputs):
-    return inputs.contiguous(memory_format=torch.channels_last) if _is_image_batch(inputs) else inputs
-
-
-def _is_image_batch(inputs) -> bool:
-    return torch.is_tensor(inputs) and inputs.ndim == 4 and inputs.is_floating_point()
-
-
 def takes_channels_last(model: nn.Module, inputs) -> bool:
     """Whether a pass over ``inputs`` may use the channels-last layout: an image batch into a model with
     2-d convolutions (on CPUs they run about 30% faster in it) that accepts the layout, tried on a
     pair of examples (a forward that calls ``.view`` on its input refuses it). Call it before registering
     hooks."""
-    if not _is_image_batch(inputs) or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+    image_batch = torch.is_tensor(inputs) and inputs.ndim == 4 and inputs.is_floating_point()
+    if not image_batch or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return False
     try:
         with _modes_kept(model), torch.no_grad():
-            feed.call(model, _channels_last(feed.to_model(model, inputs[:2])))
+            feed.call(model, feed.channels_last(feed.to_model(model, inputs[:2])))
         return True
     except RuntimeError:
         return False

@@ -267,8 +267,8 @@ class Trainer:
                 weight = 1.0
                 if self.sharded:  # this rank's chunk of the global batch, and its loss's weight
                     inputs, targets, weight = dist_.shard(inputs, targets)
-                if self.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                if self.channels_last:
+                    inputs = feed.channels_last(inputs)
                 with torch.autocast(self.amp_device, dtype=autocast_dtype, enabled=self.amp):
                     logits = self.data.logits(model, inputs)
                     targets = targets.to(logits.device)

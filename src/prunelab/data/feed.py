@@ -91,6 +91,13 @@ def to_model(model: nn.Module, inputs: Inputs) -> Inputs:
     return move(inputs)
 
 
+def channels_last(inputs: Inputs) -> Inputs:
+    """A 4-D tensor (an image batch) in the channels-last memory layout; any other input as it is."""
+    if isinstance(inputs, Tensor) and inputs.dim() == 4:
+        return inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
 def call(model: nn.Module, inputs: Inputs):
     """``model(inputs)``, or ``model(**inputs)`` for a dict of keyword inputs."""
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)

@@ -68,6 +68,8 @@ def run_study(study_file: str | Path, out: str | Path | None = None, *, engine: 
             if outcome["status"] != "done":
                 say(f"{configs[run_id].describe()}: {outcome['status']}: {outcome.get('error')}")
 
+        sources = shared_pretraining(planned)  # run id -> the control whose weights it starts from
+
         def task(run_id: str) -> tuple[str, dict[str, Any]]:
             values = {**configs[run_id].config, "out": str((folder / configs[run_id].folder).resolve())}
             source = sources.get(run_id)
@@ -76,7 +78,6 @@ def run_study(study_file: str | Path, out: str | Path | None = None, *, engine: 
             return run_id, values
 
         # the dense controls first: the runs pruning a trained model then start from their weights
-        sources = shared_pretraining(planned)
         controls = [run_id for run_id in pending if configs[run_id].method == "none"]
         try:
             runner.run([task(run_id) for run_id in controls], done, say)
