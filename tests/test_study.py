@@ -183,7 +183,8 @@ def test_runs_pruning_a_trained_model_start_from_the_dense_controls_weights(tmp_
     calls = counting_lab_runs(monkeypatch)
     record = run_study(path, progress=False)
     assert [r["status"] for r in record["runs"]] == ["done"] * 5
-    assert calls[0].method == "none"  # the control first, then the rest from its weights
+    # the control first, beside it the runs that train their own (random, at init); then the rest from its weights
+    assert [c.method for c in calls] == ["none", "random", "random", "magnitude", "magnitude"]
     source = str((tmp_path / "s" / control.folder).resolve())
     assert [c.pretrained_run for c in calls[1:]] == [source if c.method == "magnitude" else None for c in calls[1:]]
     result = json.loads((tmp_path / "s" / planned[1].folder / "result.json").read_text())

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from . import selection
 from .errors import PrunelabError, unknown
 from .options import NoOptions, Options
 
@@ -63,6 +64,15 @@ class Method:
     @property
     def prunes(self) -> bool:
         return self.criterion is not None or self.pruner is not None or self.schedule == "lobster"
+
+    def masks(self, model, params, *, sparsity, scope, alive, data, generator,
+              **options) -> dict[str, torch.Tensor]:
+        """The new masks: the method's own pruner, else its criterion's scores selected by ``scope``."""
+        if self.pruner is not None:
+            return self.pruner(model, params, sparsity=sparsity, scope=scope, alive=alive, data=data,
+                               generator=generator, **options)
+        scores = self.criterion(model, params, data=data, generator=generator, **options)
+        return selection.select(scores, sparsity, scope, alive)
 
     def parse_options(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The method's options over their defaults, every value checked (one line naming a bad one)."""

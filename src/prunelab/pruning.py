@@ -155,12 +155,8 @@ def prune(model: nn.Module, method: str, sparsity: float | None = None, data=Non
         check_keeps_some(params, amount)
         _refuse_lower(params, alive, amount)
     generator = torch.Generator().manual_seed(seed)
-    if spec.pruner is not None:
-        new_masks = spec.pruner(model, params, sparsity=amount, scope=scope, alive=alive, data=data,
-                                generator=generator, **parsed)
-    else:
-        score = spec.criterion(model, params, data=data, generator=generator, **parsed)
-        new_masks = selection.select(score, amount, scope, alive)
+    new_masks = spec.masks(model, params, sparsity=amount, scope=scope, alive=alive, data=data,
+                           generator=generator, **parsed)
     masking.attach(model, new_masks, optimizer)
     report = _report(model, spec.name, scope, None if kind is None else {kind: amount}, params, data,
                      time.perf_counter() - start)

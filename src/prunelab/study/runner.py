@@ -77,11 +77,13 @@ def run_study(study_file: str | Path, out: str | Path | None = None, *, engine: 
                 values["pretrained_run"] = str((folder / configs[source].folder).resolve())
             return run_id, values
 
-        # the dense controls first: the runs pruning a trained model then start from their weights
-        controls = [run_id for run_id in pending if configs[run_id].method == "none"]
+        # the dense controls first, with every run that does not start from their weights beside them (no
+        # worker waits idle for the last control); then the runs pruning a control's trained weights
+        first = sorted((run_id for run_id in pending if run_id not in sources),
+                       key=lambda run_id: configs[run_id].method != "none")
         try:
-            runner.run([task(run_id) for run_id in controls], done, say)
-            runner.run([task(run_id) for run_id in pending if run_id not in controls], done, say)
+            runner.run([task(run_id) for run_id in first], done, say)
+            runner.run([task(run_id) for run_id in pending if run_id in sources], done, say)
         finally:
             bar.close()
             record.write()  # interrupted runs stay pending: their folders resume next time

@@ -17,7 +17,6 @@ from dataclasses import replace
 
 import torch
 
-from .. import selection
 from ..methods import METHODS, Method, get_method, register
 
 SUFFIX = "+shuffle"
@@ -36,12 +35,8 @@ def ensure(name: str) -> None:
 
 def _shuffled(base: Method) -> Method:
     def pruner(model, params, *, sparsity, scope, alive, data, generator, **options):
-        if base.pruner is not None:
-            masks = base.pruner(model, params, sparsity=sparsity, scope=scope, alive=alive, data=data,
-                                generator=generator, **options)
-        else:
-            scores = base.criterion(model, params, data=data, generator=generator, **options)
-            masks = selection.select(scores, sparsity, scope, alive)
+        masks = base.masks(model, params, sparsity=sparsity, scope=scope, alive=alive, data=data,
+                           generator=generator, **options)
         return {name: shuffle_mask(mask, alive.get(name), generator) for name, mask in masks.items()}
 
     return replace(base, name=shuffled_name(base.name), pruner=pruner, when="init",
