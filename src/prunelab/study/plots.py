@@ -78,7 +78,7 @@ def _plot(metric: str, xlabel: str, groups: list[Group], dense: Group | None, po
                           linewidth=0)
     if dense is not None:
         mean, spread = dense.mean("error"), dense.std("error")
-        axes.axhline(mean, color="0.3", linewidth=1, label=f"dense control ({dense.n} seeds)")
+        axes.axhline(mean, color="0.3", linewidth=1, label=f"dense control ({dense.n} seed{'s' if dense.n != 1 else ''})")
         axes.axhspan(mean - spread, mean + spread, color="0.5", alpha=0.15, linewidth=0)
     key = {"sparsity": "sparsity", "compression": "compression_ratio", "flops": "flops_reduction"}.get(metric)
     starred = [p for p in points if key and p.get(key) is not None]
@@ -96,7 +96,10 @@ def _plot(metric: str, xlabel: str, groups: list[Group], dense: Group | None, po
     axes.set_xlabel(xlabel)
     axes.set_ylabel("test error (%), mean ± std over seeds")
     axes.set_yscale("log")
-    axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    low, high = axes.get_ylim()
+    # errors within one decade (0.7-1.7%) would show a single labelled tick at 1, 2 and 5 per decade
+    subs = (1.0, 2.0, 5.0) if high > 10 * low else tuple(float(s) for s in range(1, 10))
+    axes.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axes.yaxis.set_minor_formatter(NullFormatter())
     axes.grid(True, which="both", alpha=0.3)
