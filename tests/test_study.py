@@ -356,6 +356,27 @@ def test_report_of_a_folder_without_a_study_says_so(tmp_path, capsys):
     assert "is not a study folder (no study.json)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("errors, labelled", [((0.8, 1.6), {"0.8", "1", "1.2", "1.4", "1.6"}),  # within a decade
+                                               ((0.5, 60.0), {"1", "2", "5", "10", "20", "50"})])
+def test_the_error_axis_is_labelled_within_one_decade_too(errors, labelled):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from prunelab.study.plots import _error_axis
+
+    figure = Figure()
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot([0.0, 1.0], errors)
+    _error_axis(axes)
+    figure.canvas.draw()
+    low, high = axes.get_ylim()
+    shown = {tick.get_text() for tick, value in zip(axes.get_yticklabels(), axes.get_yticks())
+             if low <= value <= high}
+    assert labelled <= shown
+    if errors[1] > 10 * errors[0]:
+        assert "3" not in shown  # 1, 2 and 5 per decade when the errors span decades
+
+
 # -- effective sparsity, the shuffle check ---------------------------------------------------------------
 
 def small_cnn():

@@ -53,7 +53,6 @@ def _plot(metric: str, xlabel: str, groups: list[Group], dense: Group | None, po
           colours: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure = Figure(figsize=(8, 5), dpi=110)
     FigureCanvasAgg(figure)
@@ -95,19 +94,28 @@ def _plot(metric: str, xlabel: str, groups: list[Group], dense: Group | None, po
     _x_scale(axes, metric, xs + [p[key] for p in starred])
     axes.set_xlabel(xlabel)
     axes.set_ylabel("test error (%), mean ± std over seeds")
-    axes.set_yscale("log")
-    low, high = axes.get_ylim()
-    # errors within one decade (0.7-1.7%) would show a single labelled tick at 1, 2 and 5 per decade
-    subs = (1.0, 2.0, 5.0) if high > 10 * low else tuple(float(s) for s in range(1, 10))
-    axes.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
-    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    axes.yaxis.set_minor_formatter(NullFormatter())
+    _error_axis(axes)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     atomic_write(path, buffer.getvalue())
+
+
+def _error_axis(axes) -> None:
+    """A log error axis labelled at 1, 2 and 5 per decade, or at evenly spaced round values when the errors
+    span less than one decade (0.7-1.7% would otherwise show a single labelled tick)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    axes.set_yscale("log")
+    low, high = axes.get_ylim()
+    if high > 10 * low:
+        axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    else:
+        axes.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _x_scale(axes, metric: str, xs: list[float]) -> None:
