@@ -77,7 +77,8 @@ def _plot(metric: str, xlabel: str, groups: list[Group], dense: Group | None, po
                           linewidth=0)
     if dense is not None:
         mean, spread = dense.mean("error"), dense.std("error")
-        axes.axhline(mean, color="0.3", linewidth=1, label=f"dense control ({dense.n} seed{'s' if dense.n != 1 else ''})")
+        seeds = f"{dense.n} seed" + ("s" if dense.n != 1 else "")
+        axes.axhline(mean, color="0.3", linewidth=1, label=f"dense control ({seeds})")
         axes.axhspan(mean - spread, mean + spread, color="0.5", alpha=0.15, linewidth=0)
     key = {"sparsity": "sparsity", "compression": "compression_ratio", "flops": "flops_reduction"}.get(metric)
     starred = [p for p in points if key and p.get(key) is not None]
